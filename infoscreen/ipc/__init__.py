@@ -1,0 +1,1 @@
+"""Messages and sockets between the processes of the tree (ZeroMQ over ipc://)."""

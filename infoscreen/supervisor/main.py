@@ -1,0 +1,77 @@
+"""`infoscreen-simclient`: the main process of infoscreen-simclient.service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+import zmq
+
+from .. import logsetup
+from ..config import ConfigError, ensure_client_uuid, load_config
+from ..ipc.channel import SupervisorChannel, prepare_runtime_dir
+from ..loop import Loop
+from .notify import Notifier
+from .policy import Params
+from .process import OsProcesses, worker_environment
+from .tree import Supervisor
+
+EXIT_CONFIG = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="infoscreen-simclient", description=__doc__)
+    parser.add_argument("--env-file", help="KEY=VALUE file read for variables the environment does not set")
+    args = parser.parse_args(argv)
+    log = logsetup.setup("infoscreen-simclient")
+
+    try:
+        cfg = ensure_client_uuid(load_config(env_file=args.env_file))
+    except ConfigError as exc:
+        print(f"infoscreen-simclient: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if cfg.production and os.geteuid() == 0:
+        print(
+            "infoscreen-simclient: refusing to run as root with INFOSCREEN_ENV=production; "
+            "run it as the service's unprivileged user (User= in the unit)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        cfg.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        prepare_runtime_dir(cfg.runtime_dir)
+    except OSError as exc:
+        print(f"infoscreen-simclient: cannot prepare {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    loop = Loop()
+    ctx = zmq.Context.instance()
+    channel = SupervisorChannel(ctx, cfg.runtime_dir)
+    notifier = Notifier()
+    params = Params(
+        hang_timeout_s=cfg.worker_hang_timeout_s,
+        start_timeout_s=max(cfg.worker_hang_timeout_s, 5.0),
+        max_restarts=cfg.max_restarts,
+        restart_window_s=cfg.restart_window_s,
+    )
+    child_env = worker_environment(os.environ, cfg.to_environ())
+    sup = Supervisor(
+        cfg, loop, channel, notifier,
+        control_factory=lambda on_exit: OsProcesses(loop, child_env, on_exit),
+        params=params,
+    )
+    loop.add_signal_handler(signal.SIGTERM, lambda: sup.request_stop("SIGTERM"))
+    loop.add_signal_handler(signal.SIGINT, lambda: sup.request_stop("SIGINT"))
+    log.info("starting for device %s (%s)", cfg.client_uuid, cfg.environment)
+    try:
+        return sup.run()
+    finally:
+        channel.close()
+        logging.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

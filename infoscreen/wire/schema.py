@@ -1,0 +1,139 @@
+"""Payload shapes of the wire contract, as msgspec Structs.
+
+The ack is the seed's frozen v1 schema: exactly four keys, nulls included, nothing
+added. Inbound commands are parsed leniently (unknown fields ignored, as the contract
+says) and validated field by field by the MQTT worker, which maps each defect to its
+documented error code.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+import msgspec
+
+SCHEMA_VERSION = "1.0"
+MAX_COMMAND_BYTES = 4096  # commands are ~300 bytes; anything far larger is not one
+
+
+class Action(str, enum.Enum):
+    REBOOT = "reboot_host"
+    SHUTDOWN = "shutdown_host"
+
+
+ACTIONS = frozenset(a.value for a in Action)
+
+
+class AckStatus(str, enum.Enum):
+    ACCEPTED = "accepted"
+    EXECUTION_STARTED = "execution_started"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+TERMINAL_STATUSES = frozenset({AckStatus.COMPLETED.value, AckStatus.FAILED.value})
+
+
+class ErrorCode(str, enum.Enum):
+    """The one table of `error_code` values of a `failed` ack (CONTRACT.md)."""
+
+    INVALID_PAYLOAD = "invalid_payload"
+    UNSUPPORTED_ACTION = "unsupported_action"
+    UNSUPPORTED_SCHEMA = "unsupported_schema"
+    TARGET_MISMATCH = "target_mismatch"
+    EXPIRED = "expired"
+    BUSY = "busy"
+    HELPER_UNAVAILABLE = "helper_unavailable"
+    HELPER_TIMEOUT = "helper_timeout"
+    HELPER_REJECTED = "helper_rejected"
+    EXECUTION_FAILED = "execution_failed"
+    REBOOT_NOT_OBSERVED = "reboot_not_observed"
+
+
+ERROR_CODES = frozenset(c.value for c in ErrorCode)
+
+
+class Ack(msgspec.Struct, omit_defaults=False, forbid_unknown_fields=True):
+    """Ack payload schema v1 (frozen): the four keys, always all present."""
+
+    command_id: str
+    status: str
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+class CommandOut(msgspec.Struct, omit_defaults=True):
+    """A command as the server side publishes it (infoscreenctl, tests)."""
+
+    command_id: str
+    action: str
+    expires_at: str
+    schema_version: str = SCHEMA_VERSION
+    client_uuid: str | None = None
+    issued_at: str | None = None
+    reason: str | None = None
+    requested_by: str | None = None
+
+
+class ServiceFailed(msgspec.Struct):
+    """The retained alert of the OnFailure unit (seed, section 4)."""
+
+    unit: str
+    client_uuid: str
+    failed_at: str
+    event: str = "service_failed"
+
+
+class Heartbeat(msgspec.Struct):
+    timestamp: str
+    client_uuid: str
+    uptime_s: float | None = None
+
+
+class BrokerConnection(msgspec.Struct):
+    broker_reachable: bool
+    reconnect_count: int
+    last_disconnect_at: str | None
+
+
+_ack_encoder = msgspec.json.Encoder()
+_ack_decoder = msgspec.json.Decoder(Ack)
+
+
+def encode_ack(ack: Ack) -> bytes:
+    return _ack_encoder.encode(ack)
+
+
+def decode_ack(payload: bytes) -> Ack:
+    return _ack_decoder.decode(payload)
+
+
+def encode(obj: msgspec.Struct) -> bytes:
+    return _ack_encoder.encode(obj)
+
+
+def utc_now_iso() -> str:
+    """RFC 3339 UTC with a `Z`, second precision, as the seed's examples."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def format_utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: str) -> float:
+    """Seconds since the epoch of an RFC 3339 timestamp; ValueError if it is not one.
+
+    A zone is required: a naive time would be read in the device's local zone, which
+    the server cannot know.
+    """
+    if not isinstance(text, str) or len(text) > 64:
+        raise ValueError("not an RFC 3339 timestamp")
+    t = text.strip()
+    if t.endswith(("Z", "z")):
+        t = t[:-1] + "+00:00"
+    dt = datetime.fromisoformat(t)
+    if dt.tzinfo is None:
+        raise ValueError("timestamp has no time zone")
+    return dt.timestamp()
