@@ -354,7 +354,7 @@ def _conf_text(
         ]
     else:
         lines += [
-            f"# Started as root, the broker would drop its privileges to this user. A user equal to",
+            "# Started as root, the broker would drop its privileges to this user. A user equal to",
             "# the one starting the broker means no switch at all (used by the test fixture).",
         ]
     lines += [f"user {run_as_user}", ""]

@@ -63,15 +63,16 @@ class Ack(msgspec.Struct, omit_defaults=False, forbid_unknown_fields=True):
     error_message: str | None = None
 
 
-class CommandOut(msgspec.Struct, omit_defaults=True):
-    """A command as the server side publishes it (infoscreenctl, tests)."""
+class CommandOut(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A command as the server side publishes it (infoscreenctl, tests), keys in the
+    contract's order. Optional fields left None are omitted; schema_version is always sent."""
 
+    schema_version: str
     command_id: str
-    action: str
-    expires_at: str
-    schema_version: str = SCHEMA_VERSION
     client_uuid: str | None = None
+    action: str
     issued_at: str | None = None
+    expires_at: str
     reason: str | None = None
     requested_by: str | None = None
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 from tests.support.notify import NotifyListener
-from tests.support.waiting import wait_process_exit, wait_until
+from tests.support.waiting import wait_until
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
