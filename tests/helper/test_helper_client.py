@@ -1,0 +1,139 @@
+"""`call_helper`, the supervisor's side of the boundary, against the real helper process."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import time
+import uuid
+
+import pytest
+
+from infoscreen.helper import protocol
+from infoscreen.supervisor.helper_client import HelperOutcome, _map_answer, call_helper
+from tests.helper.helper_support import run_as_nobody
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid")
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def test_ok_in_mock_mode(start_helper):
+    helper = start_helper()
+    outcome = call_helper(helper.socket_path, "reboot_host", new_id(), 5.0)
+    assert outcome == HelperOutcome(ok=True, mock=True, error_code=None, error_message=None)
+    assert dataclasses.is_dataclass(outcome)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        outcome.ok = False
+
+
+def test_helper_not_running_is_unavailable(sockdir):
+    missing = call_helper(str(sockdir / "nothing.sock"), "reboot_host", new_id(), 2.0)
+    assert (missing.ok, missing.error_code) == (False, "helper_unavailable")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(sockdir / "stale.sock"))
+    stale.close()   # the file exists, nobody listens: ECONNREFUSED
+    refused = call_helper(str(sockdir / "stale.sock"), "reboot_host", new_id(), 2.0)
+    assert refused.error_code == "helper_unavailable"
+    assert call_helper("/nonexistent-dir/x.sock", "reboot_host", new_id(), 2.0).error_code \
+        == "helper_unavailable"
+
+
+def test_helper_stopped_after_start_is_unavailable(start_helper):
+    helper = start_helper()
+    helper.stop()   # a clean stop removes its socket
+    assert call_helper(helper.socket_path, "reboot_host", new_id(), 2.0).error_code \
+        == "helper_unavailable"
+
+
+def test_stalled_helper_times_out_within_the_bound(start_helper):
+    helper = start_helper()
+    os.kill(helper.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        outcome = call_helper(helper.socket_path, "reboot_host", new_id(), 0.5)
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(helper.proc.pid, signal.SIGCONT)
+    assert outcome.error_code == "helper_timeout" and not outcome.ok
+    assert 0.45 <= elapsed < 0.75, elapsed
+
+
+def test_no_time_left_is_a_timeout(start_helper):
+    helper = start_helper()
+    assert call_helper(helper.socket_path, "reboot_host", new_id(), 0).error_code \
+        == "helper_timeout"
+
+
+def test_busy_maps_to_busy(start_helper):
+    helper = start_helper(HELPER_GRACE_S=1.5)
+    assert call_helper(helper.socket_path, "reboot_host", new_id(), 5.0).ok
+    second = call_helper(helper.socket_path, "shutdown_host", new_id(), 5.0)
+    assert (second.ok, second.error_code) == (False, "busy")
+
+
+def test_rate_limited_maps_to_helper_rejected(start_helper):
+    helper = start_helper(HELPER_MAX_ACTIONS_PER_HOUR=1)
+    assert call_helper(helper.socket_path, "reboot_host", new_id(), 5.0).ok
+    helper.wait_audit(event="exec")   # the action ran and released the lock
+    outcome = call_helper(helper.socket_path, "reboot_host", new_id(), 5.0)
+    assert outcome.error_code == "helper_rejected"
+    assert outcome.error_message.startswith("rate_limited:")
+
+
+def test_unknown_action_and_bad_id_map_to_helper_rejected(start_helper):
+    helper = start_helper()
+    unknown = call_helper(helper.socket_path, "format_disk", new_id(), 5.0)
+    assert unknown.error_code == "helper_rejected" and "unsupported_action" in unknown.error_message
+    bad = call_helper(helper.socket_path, "reboot_host", "not-a-uuid", 5.0)
+    assert bad.error_code == "helper_rejected" and "bad_request" in bad.error_message
+
+
+@root_only
+def test_refused_peer_maps_to_helper_rejected(start_helper):
+    helper = start_helper(HELPER_ALLOWED_GROUPS="0")
+    os.chmod(helper.socket_path, 0o666)   # test dir only: let uid 65534 reach the peer check
+    result = run_as_nobody(lambda: dataclasses.asdict(
+        call_helper(helper.socket_path, "reboot_host", new_id(), 5.0)))
+    assert result["error_code"] == "helper_rejected"
+    assert result["error_message"].startswith("peer_not_allowed:")
+
+
+CODE_MAP = [
+    ("busy", "busy"), ("exec_failed", "execution_failed"), ("exec_timeout", "execution_failed"),
+    ("peer_not_allowed", "helper_rejected"), ("rate_limited", "helper_rejected"),
+    ("bad_request", "helper_rejected"), ("unsupported_action", "helper_rejected"),
+    ("internal_error", "helper_rejected"), ("some_future_code", "helper_rejected"),
+]
+
+
+def test_the_mapping_covers_the_whole_error_table():
+    assert set(protocol.ERRORS) <= {code for code, _ in CODE_MAP}
+
+
+@pytest.mark.parametrize("code,expected", CODE_MAP)
+def test_every_helper_code_maps_to_an_ack_code(code, expected):
+    # The helper's own encoder and the client's decoder: the mapping table, not a fake helper.
+    answer = protocol.decode_response(protocol.encode_response(False, new_id(), False, code,
+                                                               "exited with status 1"))
+    outcome = _map_answer(answer)
+    assert (outcome.ok, outcome.error_code) == (False, expected)
+    if expected != "busy":
+        assert outcome.error_message == f"{code}: exited with status 1"
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"garbage", b"[]", b'{"v": 1}', b'{"v": 1, "ok": "yes", "command_id": null, "mock": false,'
+    b' "error_code": null, "error_message": null}',
+    b'{"v": 1, "ok": false, "command_id": null, "mock": false, "error_code": null,'
+    b' "error_message": null}',
+    b'{"v": 1, "ok": true, "command_id": null, "mock": false, "error_code": "busy",'
+    b' "error_message": null}',
+    b"x" * 5000,
+])
+def test_garbage_answers_are_refused_by_the_decoder(data):
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode_response(data)
