@@ -225,6 +225,10 @@ def handle(conn, cfg, executor):
             pending(cancel=True)
             pending = None
     finally:
+        try:   # EOF now, not at close(): with Accept=yes systemd holds another copy of
+            conn.shutdown(socket.SHUT_RDWR)   # this fd until the instance exits
+        except OSError:
+            pass
         conn.close()
     rec["duration_ms"] = round((time.monotonic() - start) * 1000, 1)
     audit(**rec)
