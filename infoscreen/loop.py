@@ -3,7 +3,8 @@
 Every process of the tree runs on one of these. Readers and writers are ZeroMQ
 sockets or plain file descriptors (a pidfd, a paho socket, the signal wake-up pipe),
 all in one ``zmq.Poller``; timers are a heap, and the poll timeout is the time to the
-earliest one. Signals are turned into callbacks on the loop through
+earliest one. A callback that raises is logged with its traceback and the loop goes on:
+no input, however bad, takes a process down through its loop. Signals are turned into callbacks on the loop through
 ``signal.set_wakeup_fd`` (the handler itself does nothing), so no code runs in
 signal context. Deliberately smaller than asyncio: it costs no import time in the
 worker start that the supervisor's restart latency is measured against.
@@ -63,6 +64,13 @@ class Loop:
         return self.call_at(self.time() + delay, callback)
 
     # -- file descriptors and sockets ------------------------------------------
+    @staticmethod
+    def _key(obj: object) -> object:
+        # zmq.Poller reports plain sockets and files by descriptor: key them by their fd.
+        if isinstance(obj, zmq.Socket) or isinstance(obj, int):
+            return obj
+        return obj.fileno()  # type: ignore[attr-defined]
+
     def _register(self, obj: object) -> None:
         flags = (zmq.POLLIN if obj in self._readers else 0) | (zmq.POLLOUT if obj in self._writers else 0)
         if flags:
@@ -74,20 +82,31 @@ class Loop:
                 pass
 
     def add_reader(self, obj: object, callback: Callback) -> None:
+        obj = self._key(obj)
         self._readers[obj] = callback
         self._register(obj)
 
     def remove_reader(self, obj: object) -> None:
+        obj = self._key(obj)
         if self._readers.pop(obj, None) is not None:
             self._register(obj)
 
     def add_writer(self, obj: object, callback: Callback) -> None:
+        obj = self._key(obj)
         self._writers[obj] = callback
         self._register(obj)
 
     def remove_writer(self, obj: object) -> None:
+        obj = self._key(obj)
         if self._writers.pop(obj, None) is not None:
             self._register(obj)
+
+    @staticmethod
+    def _call(callback: Callback) -> None:
+        try:
+            callback()
+        except Exception:  # noqa: BLE001 - logged with its traceback; the loop goes on
+            log.exception("error in %s", getattr(callback, "__qualname__", callback))
 
     # -- signals ---------------------------------------------------------------
     def add_signal_handler(self, signum: int, callback: Callback) -> None:
@@ -110,7 +129,7 @@ class Loop:
         for signum in dict.fromkeys(data):  # each distinct signal once, in order
             cb = self._signal_callbacks.get(signum)
             if cb is not None:
-                cb()
+                self._call(cb)
 
     # -- running ---------------------------------------------------------------
     def stop(self) -> None:
@@ -129,7 +148,7 @@ class Loop:
             _, _, timer = heapq.heappop(self._timers)
             if not timer.cancelled:
                 timer.cancelled = True
-                timer.callback()
+                self._call(timer.callback)
 
     def run_once(self, max_wait_s: float | None = None) -> None:
         timeout = self._next_timeout_ms()
@@ -139,9 +158,9 @@ class Loop:
         events = self._poller.poll(timeout)
         for obj, flags in events:
             if flags & zmq.POLLIN and obj in self._readers:
-                self._readers[obj]()
+                self._call(self._readers[obj])
             if flags & zmq.POLLOUT and obj in self._writers:
-                self._writers[obj]()
+                self._call(self._writers[obj])
         self._run_due_timers()
 
     def run_forever(self) -> None:

@@ -33,7 +33,6 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from infoscreen.config import ClientConfig, ConfigError, load_config, read_env_file, validate_client_uuid
 

@@ -9,7 +9,6 @@ timeout; the one fixed window proves an absence (no second execution of a redeli
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -19,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from tests.e2e.conftest import BOOT_ID_COPY, ENV_FILE, NOTIFY_UNIT, UNIT, Device
-from tests.e2e.container import EXIT_REBOOT, wait_for
+from tests.e2e.container import EXIT_REBOOT
 from tests.support.mqtt import MqttProbe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]

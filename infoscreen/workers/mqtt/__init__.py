@@ -1,0 +1,1 @@
+"""The MQTT worker: the only process of the tree that reads the network (docs/mqtt-worker.md)."""

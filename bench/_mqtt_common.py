@@ -1,0 +1,87 @@
+"""Shared by the benchmarks: a broker and the whole tree (tests/support), machine facts, stats."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid as uuidlib
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import paho.mqtt.client as mqtt  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
+
+
+def machine() -> str:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    uname = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
+    return (f"- machine: `{uname}`\n- CPU: {cpu} ({os.cpu_count()} CPUs)\n"
+            f"- python: {platform.python_version()} ({sys.executable})\n"
+            f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%SZ')}\n")
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = min(len(s) - 1, max(0, int(round(p / 100 * (len(s) - 1)))))
+    return s[k]
+
+
+def summary_ms(values: list[float]) -> str:
+    ms = [v * 1000 for v in values]
+    return (f"n={len(ms)} p50={pct(ms, 50):.3f} ms p90={pct(ms, 90):.3f} ms p99={pct(ms, 99):.3f} ms "
+            f"max={max(ms):.3f} ms mean={statistics.fmean(ms):.3f} ms")
+
+
+def client(broker, username: str, password: str, client_id: str | None = None) -> mqtt.Client:
+    """A threaded paho client with TCP_NODELAY, connected (waits for CONNACK)."""
+    import threading
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"bench-{uuidlib.uuid4().hex[:8]}",
+                    protocol=MQTTProtocolVersion.MQTTv5)
+    c.username_pw_set(username, password)
+    c.on_socket_open = lambda cl, ud, sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c.max_inflight_messages_set(200)
+    ok = threading.Event()
+    c.on_connect = lambda cl, ud, fl, rc, pr: ok.set()
+    c.connect(broker.host, broker.port, 30)
+    c.loop_start()
+    if not ok.wait(10):
+        raise RuntimeError("bench client: no CONNACK")
+    return c
+
+
+def subscribe(c: mqtt.Client, topic: str) -> None:
+    import threading
+    done = threading.Event()
+    prev = c.on_subscribe
+    c.on_subscribe = lambda *a: done.set()
+    c.subscribe(topic, qos=1)
+    if not done.wait(10):
+        raise RuntimeError(f"no SUBACK for {topic}")
+    c.on_subscribe = prev
+
+
+def workdir(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def now_iso(offset: float = 0.0) -> str:
+    return datetime.fromtimestamp(time.time() + offset, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

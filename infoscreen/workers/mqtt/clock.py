@@ -1,0 +1,206 @@
+"""Time for expiry decisions, without trusting a clock that has not been synchronised.
+
+Screens without a real-time clock boot with a stale wall clock until NTP syncs. Rules
+(docs/mqtt-worker.md, "Clock rules"):
+
+* Synchronised (``/run/systemd/timesync/synchronized`` exists, or ``adjtimex`` reports a
+  synchronised kernel clock, or ``INFOSCREEN_CLOCK_TRUST=always``): ``expires_at`` is
+  judged by the wall clock. An ``expires_at`` more than :data:`MAX_AHEAD_S` ahead is
+  refused as ``invalid_payload``.
+* Not synchronised: a monotonic budget from receipt, ``expires_at - issued_at``
+  (bounded by :data:`MAX_AHEAD_S`), or :data:`DEFAULT_BUDGET_S` when ``issued_at`` is
+  absent. A budget <= 0 is ``expired``.
+
+The clock is an object so unit tests can inject one (:class:`FakeClock`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import time
+from dataclasses import dataclass
+
+MAX_AHEAD_S = 7 * 86400.0  # an expires_at further ahead than this is not a real command
+DEFAULT_BUDGET_S = 600.0  # unsynchronised clock and no issued_at: ten minutes from receipt
+REJECTION_TTL_S = 600.0  # how long a `failed` ack of a rejected payload is retried
+RECORD_KEEP_S = 24 * 3600.0  # a command record is kept this long past its expiry/receipt
+
+TIMESYNC_FLAG = "/run/systemd/timesync/synchronized"
+TIME_ERROR = 5
+STA_UNSYNC = 0x0040
+
+
+class _Timeval(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+
+
+class _Timex(ctypes.Structure):
+    """struct timex of <sys/timex.h> (Linux), with the trailing padding."""
+
+    _fields_ = [
+        ("modes", ctypes.c_uint),
+        ("offset", ctypes.c_long),
+        ("freq", ctypes.c_long),
+        ("maxerror", ctypes.c_long),
+        ("esterror", ctypes.c_long),
+        ("status", ctypes.c_int),
+        ("constant", ctypes.c_long),
+        ("precision", ctypes.c_long),
+        ("tolerance", ctypes.c_long),
+        ("time", _Timeval),
+        ("tick", ctypes.c_long),
+        ("ppsfreq", ctypes.c_long),
+        ("jitter", ctypes.c_long),
+        ("shift", ctypes.c_int),
+        ("stabil", ctypes.c_long),
+        ("jitcnt", ctypes.c_long),
+        ("calcnt", ctypes.c_long),
+        ("errcnt", ctypes.c_long),
+        ("stbcnt", ctypes.c_long),
+        ("tai", ctypes.c_int),
+        ("_pad", ctypes.c_int * 11),
+    ]
+
+
+_libc = None
+
+
+def adjtimex_synchronized() -> bool | None:
+    """The kernel's view (adjtimex with modes=0, read-only); None if unavailable."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        tx = _Timex()
+        tx.modes = 0
+        state = _libc.adjtimex(ctypes.byref(tx))
+    except (OSError, AttributeError):
+        return None
+    if state < 0:
+        return None
+    return state != TIME_ERROR and not (tx.status & STA_UNSYNC)
+
+
+class Clock:
+    """Wall and monotonic time plus the synchronisation test."""
+
+    def wall(self) -> float:
+        raise NotImplementedError
+
+    def mono(self) -> float:
+        raise NotImplementedError
+
+    def synchronized(self) -> bool:
+        raise NotImplementedError
+
+
+class SystemClock(Clock):
+    CACHE_S = 1.0
+
+    def __init__(self, trust: str = "auto", flag_path: str = TIMESYNC_FLAG) -> None:
+        self.trust = trust
+        self.flag_path = flag_path
+        self._cached: tuple[float, bool] | None = None
+
+    def wall(self) -> float:
+        return time.time()
+
+    def mono(self) -> float:
+        # CLOCK_MONOTONIC: comparable across the processes of one boot.
+        return time.monotonic()
+
+    def synchronized(self) -> bool:
+        if self.trust == "always":
+            return True
+        now = time.monotonic()
+        if self._cached is not None and now - self._cached[0] < self.CACHE_S:
+            return self._cached[1]
+        synced = os.path.exists(self.flag_path) or bool(adjtimex_synchronized())
+        self._cached = (now, synced)
+        return synced
+
+
+class FakeClock(Clock):
+    def __init__(self, wall: float = 1_775_376_000.0, mono: float = 1000.0, synced: bool = True) -> None:
+        self._wall, self._mono, self.synced = wall, mono, synced
+
+    def wall(self) -> float:
+        return self._wall
+
+    def mono(self) -> float:
+        return self._mono
+
+    def synchronized(self) -> bool:
+        return self.synced
+
+    def advance(self, seconds: float) -> None:
+        self._wall += seconds
+        self._mono += seconds
+
+
+@dataclass
+class Deadline:
+    """When a command (and so every ack of it) expires, judged without a bad clock.
+
+    ``expires_wall`` is the server's ``expires_at``; ``deadline_mono`` the monotonic
+    deadline in the boot ``boot_id``; ``updated_mono`` the monotonic time of the last
+    status change in that boot (to carry what was left of the budget over a reboot
+    while the clock is still unsynchronised).
+    """
+
+    expires_wall: float
+    deadline_mono: float
+    boot_id: str | None
+    updated_mono: float
+
+    def expired(self, clock: Clock, boot_id: str | None) -> bool:
+        if clock.synchronized():
+            return clock.wall() >= self.expires_wall
+        if boot_id is not None and boot_id == self.boot_id:
+            return clock.mono() >= self.deadline_mono
+        # Another boot and no trustworthy wall clock: what was left at the last status
+        # change, counted from this boot's start (CLOCK_MONOTONIC starts near zero at boot).
+        # A lower bound of the time spent: the ack may be kept too long, never dropped early.
+        remaining = self.deadline_mono - self.updated_mono
+        return clock.mono() >= remaining
+
+    def remaining(self, clock: Clock, boot_id: str | None) -> float:
+        if clock.synchronized():
+            return self.expires_wall - clock.wall()
+        if boot_id is not None and boot_id == self.boot_id:
+            return self.deadline_mono - clock.mono()
+        return (self.deadline_mono - self.updated_mono) - clock.mono()
+
+
+def judge(expires_at: float, issued_at: float | None, clock: Clock, boot_id: str | None) -> tuple[str | None, str | None, Deadline | None]:
+    """(error_code, error_message, deadline) for a command received now.
+
+    error_code is None for a command still valid, ``expired`` or ``invalid_payload``.
+    """
+    now_w, now_m = clock.wall(), clock.mono()
+    if clock.synchronized():
+        left = expires_at - now_w
+        if left <= 0:
+            return "expired", f"expires_at is {-left:.0f} s in the past (clock synchronised)", None
+        if left > MAX_AHEAD_S:
+            return ("invalid_payload",
+                    f"expires_at is {left / 86400:.1f} days ahead; more than {MAX_AHEAD_S / 86400:.0f} days is refused", None)
+        return None, None, Deadline(expires_at, now_m + left, boot_id, now_m)
+    if issued_at is None:
+        budget = DEFAULT_BUDGET_S
+    else:
+        budget = expires_at - issued_at
+        if budget <= 0:
+            return "expired", "expires_at is not after issued_at (clock not synchronised: judged by the budget)", None
+        if budget > MAX_AHEAD_S:
+            return ("invalid_payload",
+                    f"expires_at - issued_at is {budget / 86400:.1f} days; more than {MAX_AHEAD_S / 86400:.0f} days is refused", None)
+    return None, None, Deadline(expires_at, now_m + budget, boot_id, now_m)
+
+
+def rejection_deadline(clock: Clock, boot_id: str | None) -> Deadline:
+    """The retry window of a `failed` ack for a payload rejected on receipt."""
+    now_m = clock.mono()
+    return Deadline(clock.wall() + REJECTION_TTL_S, now_m + REJECTION_TTL_S, boot_id, now_m)

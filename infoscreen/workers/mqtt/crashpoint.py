@@ -1,0 +1,19 @@
+"""Test hook: die by SIGKILL at a named step of the lifecycle, to prove what survives it.
+
+Active only when ``INFOSCREEN_TEST_CRASHPOINT`` names the step and the environment is not
+production (read once at import). Steps: ``after_commit`` (record committed, ExecRequest
+not yet sent), ``after_exec_request`` (sent, acks not yet published), ``before_puback``
+(an ack was published, its PUBACK arrives and the process dies before handling it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_POINT = os.environ.get("INFOSCREEN_TEST_CRASHPOINT") if os.environ.get("INFOSCREEN_ENV") in ("test", "development") else None
+
+
+def crash(point: str) -> None:
+    if _POINT == point:
+        os.kill(os.getpid(), signal.SIGKILL)
