@@ -154,3 +154,24 @@ def test_configure_mqtt_security_login_tls_and_warning(tmp_path, caplog):
     configure_mqtt_security(c, load_config({**base, "MQTT_USER": "u", "MQTT_PASSWORD_BROKER": "s3cret", "MQTT_TLS": "1"}))
     assert c.login == ("u", "s3cret") and "s3cret" not in caplog.text
     assert c.ctx.verify_mode == ssl.CERT_REQUIRED and c.ctx.check_hostname is True
+
+
+def test_store_keeps_a_bounded_number_of_records(tmp_path):
+    from infoscreen.workers.mqtt import store as store_mod
+    from infoscreen.workers.mqtt.clock import Deadline
+    from infoscreen.workers.mqtt.store import Record, Store
+
+    st = Store(tmp_path)
+    st.max_records = 300
+    live = None
+    for i in range(store_mod.CAP_CHECK_EVERY * 2):
+        status = "execution_started" if i == 0 else "failed"
+        rec = Record(key=f"k{i}", command_id=f"c{i}", action="reboot_host", status=status, error_code=None,
+                     error_message=None, received_wall=float(i),
+                     deadline=Deadline(expires_wall=1e12, deadline_mono=1e12, boot_id="b", updated_mono=0.0))
+        st.insert(rec, [("t", b"x")])
+        live = live or rec.key
+    assert st.count() <= 300
+    assert st.get(live) is not None  # an unfinished command is never forgotten
+    assert st.get(f"k{store_mod.CAP_CHECK_EVERY * 2 - 1}") is not None  # the newest stay
+    st.close()

@@ -27,6 +27,11 @@ from typing import Any
 from .clock import Deadline
 
 DB_NAME = "mqtt-worker.sqlite3"
+# A bound on the records kept, whatever the clock says: a device gets a handful of commands a
+# day, so only a flood (random command ids) reaches it, and then the oldest finished records go
+# first. Checked every CAP_CHECK_EVERY inserts so the common path stays one small transaction.
+MAX_RECORDS = 20_000
+CAP_CHECK_EVERY = 256
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS commands(
@@ -115,6 +120,8 @@ class Store:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     self.db.execute(stmt)
+        self._inserts = 0
+        self.max_records = MAX_RECORDS
 
     def close(self) -> None:
         self.db.close()
@@ -161,7 +168,25 @@ class Store:
                  rec.exec_boot_id, rec.exec_mono, rec.exec_wall, rec.purge_wall),
             )
             self._kv(db, kv)
-            return self._add_rows(db, rec.key, acks)
+            rows = self._add_rows(db, rec.key, acks)
+        self._inserts += 1
+        if self._inserts % CAP_CHECK_EVERY == 0:
+            self.enforce_cap()
+        return rows
+
+    def enforce_cap(self) -> int:
+        """Forget the oldest finished records beyond max_records (and their pending acks)."""
+        with self.txn() as db:
+            excess = self.count() - self.max_records
+            if excess <= 0:
+                return 0
+            keys = [r[0] for r in db.execute(
+                "SELECT key FROM commands WHERE status IN ('completed','failed') ORDER BY rowid LIMIT ?",
+                (excess,))]
+            for k in keys:
+                db.execute("DELETE FROM outbox WHERE key=?", (k,))
+                db.execute("DELETE FROM commands WHERE key=?", (k,))
+        return len(keys)
 
     def update(self, rec: Record, acks: Sequence[tuple[str, bytes]], kv: dict[str, Any] | None = None) -> list[OutRow]:
         """Write the record's status (and execution fields) with its new ack rows, atomically."""
