@@ -4,7 +4,8 @@
 
 CPU is the sum of user+system time of the supervisor and both workers over the window, as a
 share of one core; wake-ups are voluntary context switches per second; PSS sums the tree.
-Default intervals (heartbeat 30 s, health 60 s, worker heartbeat 2 s).
+Default intervals (heartbeat 30 s, health 60 s, worker heartbeat 2 s) and the unit's watchdog
+(WatchdogSec=60: a WATCHDOG=1 every 30 s).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main() -> None:
     work = tmpdir()
     broker, tree, _ = started_tree(work, env={
         "HEARTBEAT_INTERVAL_S": "30", "HEALTH_INTERVAL_S": "60", "WORKER_HEARTBEAT_S": "2",
-        "WORKER_HANG_TIMEOUT_S": "10"})
+        "WORKER_HANG_TIMEOUT_S": "10"}, watchdog_usec=60_000_000)
     try:
         tree.notify.wait_status(lambda s: "broker=connected" in s, timeout=20)
         time.sleep(3)  # let start-up work settle before the window opens (part of the scenario)

@@ -47,14 +47,15 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def started_tree(workdir: Path, env: dict[str, str] | None = None, helper_env: dict[str, str] | None = None):
+def started_tree(workdir: Path, env: dict[str, str] | None = None, helper_env: dict[str, str] | None = None,
+                 watchdog_usec: int = 1_000_000):
     """(broker, tree, uuid): a provisioned broker and the whole tree in mock mode, ready."""
     from tests.support.broker import MosquittoBroker
     from tests.support.tree import Tree
 
     dev = str(uuid.uuid4())
     broker = MosquittoBroker([dev], workdir / "broker").start()
-    tree = Tree(workdir / "tree", broker, dev, env=env or {})
+    tree = Tree(workdir / "tree", broker, dev, env=env or {}, watchdog_usec=watchdog_usec)
     if helper_env and tree.helper is not None:
         tree.helper.env.update(helper_env)
     tree.start()
