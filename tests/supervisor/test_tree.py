@@ -202,3 +202,37 @@ def test_env_file_is_read(tmp_path):
     r = subprocess.run([sys.executable, "-m", "infoscreen.supervisor", "--env-file", str(f)], env=env,
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 2 and "MQTT_PORT" in r.stderr
+
+
+def test_runtime_dir_is_private_and_holds_the_endpoint(tree):
+    run = tree.env["INFOSCREEN_RUNTIME_DIR"]
+    st = os.stat(run)
+    assert st.st_mode & 0o777 == 0o700
+    assert os.path.exists(os.path.join(run, "tree.ipc"))
+
+
+def test_the_supervisors_warnings_reach_the_logs_topic(tree, device_uuid, server_probe):
+    from infoscreen.wire import topics
+
+    tree.notify.wait_status(lambda s: "broker=connected" in s, timeout=15)
+    srv = server_probe()
+    srv.subscribe(topics.logs(device_uuid, "warn"))
+    pid = tree.worker_pid("health")
+    os.kill(pid, signal.SIGKILL)
+    msg = srv.wait_for(topics.logs(device_uuid, "warn"),
+                       lambda m: f"worker health (pid {pid}) killed by SIGKILL" in m.text, timeout=10)
+    assert "supervisor" in msg.text
+
+
+def test_a_send_to_a_dead_peer_never_blocks(tmp_path):
+    from infoscreen.ipc.channel import HWM, WorkerChannel
+
+    ctx = zmq.Context.instance()
+    ch = WorkerChannel(ctx, tmp_path, "mqtt")  # nothing is bound there: the peer is gone
+    try:
+        t0 = time.monotonic()
+        sent = sum(ch.send(messages.Heartbeat(worker="mqtt", pid=1, seq=i)) for i in range(HWM * 3))
+        assert time.monotonic() - t0 < 2.0
+        assert sent <= HWM + 10 and ch.dropped >= HWM
+    finally:
+        ch.close()
