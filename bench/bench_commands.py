@@ -21,7 +21,7 @@ import threading
 import time
 import uuid as uuidlib
 
-from _mqtt_common import ROOT, client, machine, now_iso, subscribe, summary_ms, pct, workdir
+from common import ROOT, client, machine, now_iso, subscribe, summary_ms, pct, workdir
 
 from tests.support.broker import MosquittoBroker
 from tests.support.tree import Tree

@@ -20,7 +20,7 @@ import time
 import uuid as uuidlib
 
 import psutil
-from _mqtt_common import ROOT, client, machine, subscribe, workdir
+from common import ROOT, client, machine, subscribe, workdir
 
 from tests.support.broker import MosquittoBroker
 from tests.support.tree import Tree

@@ -16,7 +16,7 @@ import time
 
 import psutil
 
-from common import header, started_tree, tmpdir
+from common import header, started_tree, workdir
 
 
 def procs(tree) -> list[psutil.Process]:
@@ -28,7 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=60)
     args = ap.parse_args()
-    work = tmpdir()
+    work = workdir()
     broker, tree, _ = started_tree(work, env={
         "HEARTBEAT_INTERVAL_S": "30", "HEALTH_INTERVAL_S": "60", "WORKER_HEARTBEAT_S": "2",
         "WORKER_HANG_TIMEOUT_S": "10"}, watchdog_usec=60_000_000)

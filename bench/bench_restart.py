@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from common import header, median, pct, started_tree, tmpdir
+from common import header, median, pct, started_tree, workdir
 
 
 def floor(n: int) -> list[float]:
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--stops", type=int, default=5)
     args = ap.parse_args()
-    work = tmpdir()
+    work = workdir()
     fl = floor(args.kills)
     broker, tree, _ = started_tree(work, env={"SUPERVISOR_MAX_RESTARTS": "10000", "WORKER_HEARTBEAT_S": "2",
                                               "WORKER_HANG_TIMEOUT_S": "10"})
