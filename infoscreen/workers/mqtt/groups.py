@@ -130,37 +130,38 @@ class Groups:
         else:
             self._intent(payload)
 
+    _INVALID = object()
+
+    @classmethod
+    def _json_object(cls, payload: bytes, what: str, limit: int, empty_ok: bool) -> Any:
+        """The payload as a JSON object (None for an empty one where allowed), or _INVALID (logged)."""
+        if len(payload) > limit:
+            log.warning("ignored %s of %d bytes (limit %d)", what, len(payload), limit)
+            return cls._INVALID
+        if empty_ok and payload.strip() in (b"", b"null"):
+            return None
+        try:
+            obj = msgspec.json.decode(payload)
+        except msgspec.DecodeError as exc:
+            log.warning("ignored %s that is not JSON: %s", what, str(exc)[:120])
+            return cls._INVALID
+        if not isinstance(obj, dict):
+            log.warning("ignored %s that is not a JSON object", what)
+            return cls._INVALID
+        return obj
+
     def _event(self, payload: bytes) -> None:
-        if len(payload) > MAX_EVENT_BYTES:
-            log.warning("ignored an event of %d bytes (limit %d)", len(payload), MAX_EVENT_BYTES)
+        obj = self._json_object(payload, "an event", MAX_EVENT_BYTES, empty_ok=True)
+        if obj is self._INVALID:
             return
-        if payload.strip() in (b"", b"null"):
-            obj: Any = None
-        else:
-            try:
-                obj = msgspec.json.decode(payload)
-            except msgspec.DecodeError as exc:
-                log.warning("ignored an event that is not JSON: %s", str(exc)[:120])
-                return
-            if not isinstance(obj, dict):
-                log.warning("ignored an event that is not a JSON object")
-                return
         handoff.atomic_write(self.state_dir / handoff.ACTIVE_EVENT, msgspec.json.encode(obj))
         self.events_written += 1
         self.event_id = _event_id(obj)
         log.info("active event: %s", self.event_id)
 
     def _intent(self, payload: bytes) -> None:
-        if len(payload) > MAX_INTENT_BYTES:
-            log.warning("ignored a power intent of %d bytes (limit %d)", len(payload), MAX_INTENT_BYTES)
-            return
-        try:
-            obj = msgspec.json.decode(payload)
-        except msgspec.DecodeError as exc:
-            log.warning("ignored a power intent that is not JSON: %s", str(exc)[:120])
-            return
-        if not isinstance(obj, dict):
-            log.warning("ignored a power intent that is not a JSON object")
+        obj = self._json_object(payload, "a power intent", MAX_INTENT_BYTES, empty_ok=False)
+        if obj is self._INVALID:
             return
         handoff.atomic_write(self.state_dir / handoff.POWER_INTENT, msgspec.json.encode(obj))
         log.info("power intent handed over")
