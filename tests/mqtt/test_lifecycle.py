@@ -217,3 +217,15 @@ def test_heartbeat_health_and_broker_status(mqtt_worker, server, mqtt_broker):
     mqtt_broker.start()
     st = w.wait_broker(True, 15, mark)
     assert st.reconnect_count == 2
+
+
+def test_a_mock_helper_never_completes_a_production_command(mqtt_worker, server):
+    # A helper left in mock mode executed nothing: a production client must not say `completed`.
+    w = mqtt_worker(start=False, INFOSCREEN_ENV="production")
+    w.sup.on_exec = result(ok=True, mock=True)
+    w.start()
+    srv = server(w)
+    cid = srv.command(w.uuid, "reboot_host")
+    srv.wait_ack(w.uuid, cid, "failed")
+    last = srv.acks(w.uuid, cid)[-1]
+    assert last["error_code"] == "helper_rejected" and "mock" in last["error_message"]

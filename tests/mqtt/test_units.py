@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from infoscreen.loop import Loop
 from infoscreen.workers.mqtt import handoff
 from infoscreen.workers.mqtt.clock import DEFAULT_BUDGET_S, MAX_AHEAD_S, Deadline, FakeClock, judge
@@ -175,3 +177,50 @@ def test_store_keeps_a_bounded_number_of_records(tmp_path):
     assert st.get(live) is not None  # an unfinished command is never forgotten
     assert st.get(f"k{store_mod.CAP_CHECK_EVERY * 2 - 1}") is not None  # the newest stay
     st.close()
+
+
+def test_unsynchronised_clock_refuses_a_command_older_than_a_time_already_seen():
+    # A screen off over a weekend boots with a stale clock; a command queued for it then must not
+    # run on its budget alone: it expired before a time the device had already seen synchronised.
+    c = FakeClock(synced=False)
+    server_now = c.wall() + 3 * 86400  # the real time; the device's clock is 3 days behind
+    stale_expiry = server_now - 2 * 86400  # expired two days ago, with a 10-minute budget
+    floor = server_now - 86400  # the device saw this time (synchronised) before it went off
+    code, msg, _ = judge(stale_expiry, stale_expiry - 600, c, "b", wall_floor=floor)
+    assert code == "expired" and "already seen" in msg
+    # Without the floor the budget alone would have accepted it: that is the case guarded.
+    assert judge(stale_expiry, stale_expiry - 600, c, "b")[0] is None
+    # A command still valid after the floor keeps being judged by its budget.
+    assert judge(floor + 300, floor - 300, c, "b", wall_floor=floor)[0] is None
+
+
+def test_a_deadline_carried_over_a_reboot_keeps_only_what_was_left():
+    # Received with a 600 s budget 5 days into a boot, unsynchronised; after a reboot the budget
+    # left must be rebased onto the new boot's clock, never inflated by the old boot's uptime.
+    from infoscreen.workers.mqtt.lifecycle import Lifecycle
+
+    c = FakeClock(mono=5 * 86400.0, synced=False)
+    d = Deadline(expires_wall=c.wall() + 600, deadline_mono=c.mono() + 600, boot_id="old", updated_mono=c.mono())
+    c._mono = 30.0  # the new boot, 30 s in
+    left = d.remaining(c, "new")
+    assert 0 < left <= 600 - 30 + 1e-6
+    rec = Record(key="k", command_id="k", action="reboot_host", status="execution_started", error_code=None,
+                 error_message=None, received_wall=c.wall(), deadline=d)
+
+    class _Store:
+        def update(self, rec, acks, kv=None):
+            return []
+
+        def kv_get(self, k, default=None):
+            return default
+
+    class _Outbox:
+        def add(self, rows, deadline):
+            pass
+
+    lc = Lifecycle.__new__(Lifecycle)
+    lc.clock, lc.boot_id, lc.store, lc.outbox = c, "new", _Store(), _Outbox()
+    lc.inflight, lc._timers, lc._queries, lc.mock, lc.ack_topics = {}, {}, {}, False, ("a", "b")
+    lc._transition(rec, "completed")
+    assert rec.deadline.boot_id == "new"
+    assert rec.deadline.deadline_mono - c.mono() == pytest.approx(left)

@@ -174,12 +174,30 @@ class Deadline:
         return (self.deadline_mono - self.updated_mono) - clock.mono()
 
 
-def judge(expires_at: float, issued_at: float | None, clock: Clock, boot_id: str | None) -> tuple[str | None, str | None, Deadline | None]:
+TIMESYNCD_CLOCK_FILE = "/var/lib/systemd/timesync/clock"  # its mtime: the last synchronised time
+
+
+def wall_floor_from_timesyncd(path: str = TIMESYNCD_CLOCK_FILE) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
+
+
+def judge(expires_at: float, issued_at: float | None, clock: Clock, boot_id: str | None,
+          wall_floor: float | None = None) -> tuple[str | None, str | None, Deadline | None]:
     """(error_code, error_message, deadline) for a command received now.
 
     error_code is None for a command still valid, ``expired`` or ``invalid_payload``.
+    ``wall_floor`` is a time this device is known to have reached (seen while synchronised):
+    with an unsynchronised clock, an ``expires_at`` at or before it is expired for certain,
+    however long the command's budget (a command queued over a weekend while the screen was
+    off must not run at its next boot, before NTP).
     """
     now_w, now_m = clock.wall(), clock.mono()
+    if not clock.synchronized() and wall_floor is not None and expires_at <= wall_floor:
+        return ("expired", f"expires_at is {wall_floor - expires_at:.0f} s before a time this device has already "
+                "seen (clock not synchronised yet)", None)
     if clock.synchronized():
         left = expires_at - now_w
         if left <= 0:

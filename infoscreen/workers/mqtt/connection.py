@@ -300,21 +300,25 @@ class Connection:
         self._schedule_attempt(BACKOFF_MIN_S * random.uniform(0.5, 1.0) if was_connected else self._backoff())
 
     def _on_message(self, client, userdata, msg) -> None:
+        # The PUBACK goes out only once the message was handled (a command's record is
+        # committed by then). If handling raised (disk full, a bug), no PUBACK: the broker
+        # keeps the message in the session and delivers it again after a reconnect, so a
+        # command is never acknowledged to the broker and then lost.
         try:
             try:
                 topic = msg.topic
             except UnicodeDecodeError:
-                topic = None
+                topic = None  # not a topic we subscribed to: nothing to keep it for
             if topic is not None:
                 self.h.message(topic, bytes(msg.payload), bool(msg.retain))
         except Exception:  # noqa: BLE001 - never raise into paho / the loop
-            log.exception("error handling a message")
-        finally:
-            if msg.qos > 0:
-                try:
-                    client.ack(msg.mid, msg.qos)
-                except Exception:  # noqa: BLE001
-                    pass
+            log.exception("error handling a message on %s; not acknowledged to the broker", topic)
+            return
+        if msg.qos > 0:
+            try:
+                client.ack(msg.mid, msg.qos)
+            except Exception:  # noqa: BLE001
+                pass
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         try:

@@ -30,7 +30,7 @@ from ...wire import topics
 from ...wire.schema import ERROR_CODES, Ack, AckStatus, Action, ErrorCode, encode_ack, format_utc
 from . import bootid
 from .crashpoint import crash
-from .clock import RECORD_KEEP_S, Clock, Deadline, judge, rejection_deadline
+from .clock import RECORD_KEEP_S, Clock, Deadline, judge, rejection_deadline, wall_floor_from_timesyncd
 from .outbox import Outbox
 from .store import Record, Store
 from .validation import Command, Rejection, validate
@@ -41,6 +41,7 @@ QUERY_EVERY_S = 2.0
 QUERY_TRIES = 5
 PURGE_EVERY_S = 600.0
 LAST_POWER = "last_power_command"
+WALL_FLOOR = "wall_floor"  # the latest wall time seen while the clock was synchronised
 SHUTDOWN_EVIDENCE = "shutdown_evidence"
 
 STARTED = AckStatus.EXECUTION_STARTED.value
@@ -90,11 +91,14 @@ class Lifecycle:
         rec.status = status
         rec.error_code = code
         rec.error_message = message
-        rec.deadline.updated_mono = self.clock.mono()
-        if rec.deadline.boot_id != self.boot_id:  # carried over a reboot: rebase the budget
-            left = rec.deadline.deadline_mono - rec.deadline.updated_mono
-            rec.deadline = Deadline(rec.deadline.expires_wall, self.clock.mono() + max(0.0, left), self.boot_id,
-                                    self.clock.mono())
+        now_m = self.clock.mono()
+        if rec.deadline.boot_id != self.boot_id:
+            # Carried over a reboot: rebase what was left of the budget onto this boot's
+            # monotonic clock (computed before updated_mono changes: it is the old boot's).
+            left = rec.deadline.remaining(self.clock, self.boot_id)
+            rec.deadline = Deadline(rec.deadline.expires_wall, now_m + max(0.0, left), self.boot_id, now_m)
+        else:
+            rec.deadline.updated_mono = now_m
         kv = self._evidence_status(rec) or {}
         if status == COMPLETED and rec.action == Action.SHUTDOWN.value and not self.mock:
             kv[SHUTDOWN_EVIDENCE] = self._shutdown_evidence(rec)
@@ -138,11 +142,19 @@ class Lifecycle:
         log.info("duplicate command %s: not executed again; answering with its latest status %s",
                  rec.command_id, rec.status)
         rows = self.store.add_acks(rec.key, latest)
-        self.outbox.add(rows, rec.deadline)
+        # The answer to a repeat must reach the server even when the command's own window has
+        # passed (a server asking again after an outage): a short fresh window of its own.
+        deadline = rec.deadline
+        if deadline.expired(self.clock, self.boot_id):
+            deadline = rejection_deadline(self.clock, self.boot_id)
+        self.outbox.add(rows, deadline)
 
-    def _reject(self, command_id: str, action: str | None, code: str, message: str) -> None:
+    def _reject(self, command_id: str, action: str | None, code: str, message: str,
+                deadline: Deadline | None = None) -> None:
         self.counts["rejected"] += 1
         d = rejection_deadline(self.clock, self.boot_id)
+        if deadline is not None and deadline.remaining(self.clock, self.boot_id) > d.remaining(self.clock, self.boot_id):
+            d = deadline  # a valid command refused (busy): its ack is owed until its own expiry
         rec = Record(
             key=command_id.lower(), command_id=command_id, action=action, status=FAILED, error_code=code,
             error_message=message, received_wall=self.clock.wall(), deadline=d,
@@ -153,14 +165,14 @@ class Lifecycle:
         log.warning("rejected command %s: %s (%s)", command_id, code, message)
 
     def _intake(self, cmd: Command) -> None:
-        code, message, deadline = judge(cmd.expires_at, cmd.issued_at, self.clock, self.boot_id)
+        code, message, deadline = judge(cmd.expires_at, cmd.issued_at, self.clock, self.boot_id, self.wall_floor())
         if code is not None or deadline is None:
             self._reject(cmd.command_id, cmd.action, code or ErrorCode.EXPIRED.value, message or "expired")
             return
         if self.inflight:
             other = next(iter(self.inflight.values()))
             self._reject(cmd.command_id, cmd.action, ErrorCode.BUSY.value,
-                         f"command {other.command_id} ({other.action}) is being executed")
+                         f"command {other.command_id} ({other.action}) is being executed", deadline)
             return
         now_w, now_m = self.clock.wall(), self.clock.mono()
         rec = Record(
@@ -239,7 +251,12 @@ class Lifecycle:
                              "the execution request was lost (the worker restarted before the supervisor got it)")
             return
         if msg.ok:
-            if msg.mock or self.mock:
+            if msg.mock and self.cfg.production:
+                # The helper executed nothing, but this client runs in production: never
+                # report a power action that did not happen as completed.
+                self._transition(rec, FAILED, ErrorCode.HELPER_REJECTED.value,
+                                 "the helper is in mock mode and executed nothing, but this client runs in production")
+            elif msg.mock or self.mock:
                 self._transition(rec, COMPLETED)
             elif rec.action == Action.SHUTDOWN.value:
                 self._transition(rec, COMPLETED)  # records the shutdown evidence too
@@ -316,6 +333,16 @@ class Lifecycle:
         if self.reconnect_mono is None:
             self.reconnect_mono = self.clock.mono()
         self.refresh_evidence()
+
+    def wall_floor(self) -> float | None:
+        """A time this device has certainly reached: ours, or systemd-timesyncd's."""
+        floors = [f for f in (self.store.kv_get(WALL_FLOOR), wall_floor_from_timesyncd()) if f]
+        return max(floors) if floors else None
+
+    def note_wall_time(self) -> None:
+        """Keep the wall-clock floor (at every heartbeat while synchronised; one tiny commit)."""
+        if self.clock.synchronized():
+            self.store.kv_set(WALL_FLOOR, self.clock.wall())
 
     def refresh_evidence(self) -> None:
         """Fill in what needs a synchronised clock once it is (seconds_to_reconnect, off time)."""

@@ -77,6 +77,7 @@ class MqttWorker(Worker):
             self.broker["last_disconnect_at"] = utc_now_iso()
         self._save_broker()
 
+        self.lifecycle.note_wall_time()
         self.lifecycle.startup()
         for t in sorted(self.command_topics):
             self.conn.subscribe(t)
@@ -163,6 +164,7 @@ class MqttWorker(Worker):
     def _heartbeat_tick(self) -> None:
         try:
             self._publish_heartbeat()
+            self.lifecycle.note_wall_time()
             self.lifecycle.refresh_evidence()
             self.lifecycle.purge_maybe()
         finally:
