@@ -204,8 +204,11 @@ def validate_client_uuid(value: str) -> str:
         uuid.UUID(value)
     except ValueError:
         raise ConfigError("CLIENT_UUID", f"must be a UUID, got {value!r}") from None
-    if not re.fullmatch(r"[0-9A-Fa-f-]{32,36}", value):
-        raise ConfigError("CLIENT_UUID", f"must be a UUID in its hyphenated form, got {value!r}")
+    if str(uuid.UUID(value)) != value:
+        # The server and the broker's accounts use the canonical form; another spelling would
+        # put the device on topics nobody publishes to, silently.
+        raise ConfigError("CLIENT_UUID", f"must be a UUID in its canonical form (lower case, hyphenated), "
+                          f"got {value!r}")
     return value
 
 

@@ -179,7 +179,7 @@ def follow_command(
     t0 = time.monotonic()
     # Wall clock -> monotonic once, so a clock step while waiting changes nothing.
     expires_mono = t0 + (expires_at - time.time())
-    puback = session.publish(topic, payload, qos=1, retain=False)
+    puback = session.publish(topic, payload, qos=1, retain=False, expiry_s=max(1.0, expires_at - time.time()))
     emit(f"  {format_elapsed(time.monotonic() - t0):>10}  published to {topic} (PUBACK: {rc_text(puback)})")
     if puback == RC_NO_MATCHING_SUBSCRIBERS:
         emit("  note: no session is subscribed to this device's commands: the device is not connected "
@@ -212,7 +212,8 @@ def follow_command(
                 # the same payload (after the resubscription, which went out first on this connection).
                 emit(f"  {format_elapsed(item.at - t0):>10}  reconnected to the broker (session lost; resubscribed)")
                 try:
-                    session.publish(topic, payload, qos=1, retain=False)
+                    session.publish(topic, payload, qos=1, retain=False,
+                                    expiry_s=max(1.0, expires_at - time.time()))
                     emit(f"  {format_elapsed(time.monotonic() - t0):>10}  re-sent the same command (same command_id: "
                          "never executed twice) so the device repeats its latest status")
                 except SessionError as exc:

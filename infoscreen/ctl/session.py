@@ -404,10 +404,16 @@ class Session:
         self._subscriptions.extend(subs)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                timeout: float = 10.0) -> int:
+                timeout: float = 10.0, expiry_s: float | None = None) -> int:
         """Publish and, at QoS 1, wait for the PUBACK. Returns its reason code (0, or 16: nobody
-        subscribed); raises SessionError on a refusal (>= 128: e.g. 135, not authorized)."""
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        subscribed); raises SessionError on a refusal (>= 128: e.g. 135, not authorized).
+        `expiry_s`: MQTT 5 Message Expiry Interval, so the broker (whose clock is right) drops a
+        message still queued for an offline device once it is stale."""
+        props = None
+        if expiry_s is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = max(1, int(expiry_s + 0.999))
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise SessionError(f"cannot publish to {topic}: {mqtt.error_string(info.rc)}")
         if qos == 0:

@@ -232,6 +232,8 @@ def publish_once(cfg: ClientConfig, topic: str, payload: bytes, client_id: str, 
     client.on_disconnect = on_disconnect
     if cfg.mqtt_user:
         client.username_pw_set(cfg.mqtt_user, cfg.mqtt_password)
+    else:
+        log("warning: connecting without a broker login (MQTT_USER is not set)")
     if cfg.mqtt_tls:
         client.tls_set(ca_certs=cfg.mqtt_ca_file, certfile=cfg.mqtt_cert_file, keyfile=cfg.mqtt_key_file)
     deadline = time.monotonic() + timeout

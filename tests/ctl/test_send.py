@@ -56,6 +56,8 @@ def test_send_wait_completed_prints_lifecycle_with_timings(ctl, device, device_u
     issued, expires = parse_rfc3339(cmd["issued_at"]), parse_rfc3339(cmd["expires_at"])
     assert abs(issued - before) < 5
     assert 590 <= expires - issued <= 601
+    # The broker drops it if it is still queued for an offline screen when it expires.
+    assert 500 <= msg.properties.MessageExpiryInterval <= 601
     cid = cmd["command_id"]
     publish_both(device, device_uuid, ack(cid, "accepted"))
     p.wait_line(r"\baccepted$")

@@ -46,3 +46,10 @@ def test_to_environ_round_trips():
     c = load_config({"CLIENT_UUID": "9b8d1856-ff34-4864-a726-12de072d0f77", "MQTT_USER": "u",
                      "MQTT_PASSWORD_BROKER": "p", "INFOSCREEN_ENV": "test", "REBOOT_GRACE_S": "7"})
     assert load_config(c.to_environ()) == c
+
+
+@pytest.mark.parametrize("value", ["9B8D1856-FF34-4864-A726-12DE072D0F77", "9b8d1856ff344864a72612de072d0f77",
+                                   "{9b8d1856-ff34-4864-a726-12de072d0f77}", "infoscreen/#"])
+def test_client_uuid_must_be_canonical(value):
+    with pytest.raises(ConfigError, match="CLIENT_UUID"):
+        load_config({"CLIENT_UUID": value})
