@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -156,11 +157,19 @@ class Tree:
         return self
 
     def wait_ready(self, timeout: float = 15.0) -> None:
+        """Until READY=1 arrives; fails at once (with the log) if the supervisor exits first."""
         mark = self._ready_mark
-        try:
-            self.notify.wait_for(lambda recs: any(l == "READY=1" for _, l in recs[mark:]), timeout, "READY=1")
-        except TimeoutError:
-            raise TimeoutError(f"tree not ready; log:\n{self.log_text()[-4000:]}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.notify.wait_for(lambda recs: any(l == "READY=1" for _, l in recs[mark:]),
+                                     min(0.5, max(0.0, deadline - time.monotonic())), "READY=1")
+                return
+            except TimeoutError:
+                exited = self.proc is not None and self.proc.poll() is not None
+                if exited or time.monotonic() >= deadline:
+                    what = f"exited {self.proc.returncode}" if exited else f"not ready in {timeout} s"
+                    raise TimeoutError(f"tree {what}; log:\n{self.log_text()[-4000:]}") from None
 
     @property
     def pid(self) -> int:
