@@ -5,6 +5,8 @@ ack error codes of CONTRACT.md. It blocks (the supervisor calls it from a worker
 never for longer than `timeout_s` in total: connect, send and the answer share one deadline.
 
     socket missing / refused / not permitted   -> helper_unavailable
+    listen backlog full (EAGAIN, no waiting)   -> helper_unavailable
+    socket served by a process not root        -> helper_unavailable  (nothing is sent)
     no complete answer before the deadline     -> helper_timeout
     helper answered busy                       -> busy
     helper answered exec_failed / exec_timeout -> execution_failed  (helper's detail in message)
@@ -13,13 +15,17 @@ never for longer than `timeout_s` in total: connect, send and the answer share o
 """
 from __future__ import annotations
 
+import json
+import os
 import socket
+import struct
 import time
 from dataclasses import dataclass
 
 from infoscreen.helper import protocol
 
 _EXECUTION_CODES = frozenset(("exec_failed", "exec_timeout"))
+_RESPONSE_KEYS = frozenset(("v", "ok", "command_id", "mock", "error_code", "error_message"))
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,35 @@ class HelperOutcome:
 
 def _fail(code: str, message: str) -> HelperOutcome:
     return HelperOutcome(False, False, code, message[: protocol.MAX_MESSAGE + 40])
+
+
+def encode_request(action: str, command_id: str) -> bytes:
+    return json.dumps({"v": protocol.VERSION, "action": action, "command_id": command_id}).encode()
+
+
+def decode_response(data: bytes) -> dict:
+    """Return the validated answer or raise protocol.ProtocolError: as strict as the helper."""
+    obj = protocol.load_object(data)
+    if (
+        set(obj) != _RESPONSE_KEYS
+        or type(obj["v"]) is not int
+        or obj["v"] != protocol.VERSION
+        or type(obj["ok"]) is not bool
+        or type(obj["mock"]) is not bool
+        or any(obj[k] is not None and not isinstance(obj[k], str) for k in ("command_id", "error_code", "error_message"))
+        or obj["ok"] == (obj["error_code"] is not None)
+    ):
+        raise protocol.ProtocolError("bad_request", "malformed response")
+    return obj
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    """The uid of the process that listens on the socket (the kernel's record), -1 if unknown."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return -1
+    return struct.unpack("3i", creds)[1]
 
 
 def _map_answer(answer: dict) -> HelperOutcome:
@@ -56,15 +91,23 @@ def call_helper(socket_path: str, action: str, command_id: str, timeout_s: float
         sock.settimeout(timeout_s)
         try:
             sock.connect(socket_path)
-        except socket.timeout:   # listen backlog full: the helper is alive but not accepting
+        except socket.timeout:   # kept for safety: AF_UNIX does not wait in connect()
             return _fail("helper_timeout", "connect to helper timed out")
-        except OSError as exc:   # ENOENT, ECONNREFUSED, EACCES, ENOTDIR...
+        except OSError as exc:   # ENOENT, ECONNREFUSED, EACCES, ENOTDIR; a full backlog: EAGAIN
             reason = exc.strerror or exc
             return _fail("helper_unavailable", f"helper socket {socket_path}: {reason}")
+        # Fail closed before sending anything: only a root process (the helper) may answer. A
+        # process with our own uid is accepted too (development runs): it could act as us anyway.
+        uid = _peer_uid(sock)
+        if uid not in (0, os.geteuid()):
+            return _fail("helper_unavailable", f"helper socket {socket_path} is served by uid {uid}, not root")
         try:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            sock.sendall(protocol.encode_request(action, command_id))
-            sock.shutdown(socket.SHUT_WR)   # end of frame
+            try:
+                sock.sendall(encode_request(action, command_id))
+                sock.shutdown(socket.SHUT_WR)   # end of frame
+            except (BrokenPipeError, ConnectionResetError):
+                pass   # it answered before reading (a refused peer) and closed: read that answer
             data = protocol.read_frame(sock, deadline)
         except socket.timeout:
             return _fail("helper_timeout", f"no answer from helper within {timeout_s:g} s")
@@ -75,7 +118,7 @@ def call_helper(socket_path: str, action: str, command_id: str, timeout_s: float
         if not data:
             return _fail("helper_rejected", "helper closed the connection without an answer")
         try:
-            answer = protocol.decode_response(data)
+            answer = decode_response(data)
         except protocol.ProtocolError:
             return _fail("helper_rejected", "malformed answer from helper")
         if answer["command_id"] not in (None, command_id):

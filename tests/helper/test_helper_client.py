@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 import uuid
 
 import pytest
 
 from infoscreen.helper import protocol
-from infoscreen.supervisor.helper_client import HelperOutcome, _map_answer, call_helper
+from infoscreen.supervisor.helper_client import HelperOutcome, _map_answer, call_helper, decode_response
 from tests.helper.helper_support import run_as_nobody
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid")
@@ -117,7 +119,7 @@ def test_the_mapping_covers_the_whole_error_table():
 @pytest.mark.parametrize("code,expected", CODE_MAP)
 def test_every_helper_code_maps_to_an_ack_code(code, expected):
     # The helper's own encoder and the client's decoder: the mapping table, not a fake helper.
-    answer = protocol.decode_response(protocol.encode_response(False, new_id(), False, code,
+    answer = decode_response(protocol.encode_response(False, new_id(), False, code,
                                                                "exited with status 1"))
     outcome = _map_answer(answer)
     assert (outcome.ok, outcome.error_code) == (False, expected)
@@ -136,4 +138,95 @@ def test_every_helper_code_maps_to_an_ack_code(code, expected):
 ])
 def test_garbage_answers_are_refused_by_the_decoder(data):
     with pytest.raises(protocol.ProtocolError):
-        protocol.decode_response(data)
+        decode_response(data)
+
+
+def _fake_helper_as_nobody() -> tuple[int, str, int]:
+    """A listener that is not root: a forked child drops to uid/gid 65534, then binds and
+    listens (SO_PEERCRED reports the credentials of listen()). It accepts one connection and
+    reports, through a pipe, how many bytes it received before the client closed."""
+    home = tempfile.mkdtemp(prefix="ish-fake-", dir="/tmp")
+    os.chown(home, 65534, 65534)
+    path = os.path.join(home, "helper.sock")
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # child
+        status = 1
+        try:
+            os.close(ready_r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+                listener.bind(path)
+                os.chmod(path, 0o666)
+                listener.listen(1)
+                listener.settimeout(10)
+                os.write(ready_w, b"R")
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(10)
+                    received = b""
+                    while chunk := conn.recv(4096):
+                        received += chunk
+                    try:   # an answer the client must never believe (it is gone by now)
+                        conn.sendall(protocol.encode_response(True, None, False))
+                    except OSError:
+                        pass
+            os.write(ready_w, b"%d" % len(received))
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"R"
+    return pid, path, ready_r
+
+
+@root_only
+def test_a_helper_socket_served_by_a_non_root_process_is_refused():
+    pid, path, report = _fake_helper_as_nobody()
+    try:
+        outcome = call_helper(path, "reboot_host", new_id(), 5.0)
+    finally:
+        with os.fdopen(report, "rb") as pipe:
+            received = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+    assert (outcome.ok, outcome.error_code) == (False, "helper_unavailable")
+    assert "uid 65534" in outcome.error_message and "not root" in outcome.error_message
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert received == b"0"   # the client sent nothing: not even the command_id leaked
+
+
+def test_the_real_helper_passes_the_peer_check(start_helper):
+    helper = start_helper()
+    assert os.stat(helper.socket_path).st_uid == os.geteuid()   # the helper runs as we do
+    assert call_helper(helper.socket_path, "reboot_host", new_id(), 5.0).ok
+
+
+def test_full_backlog_is_unavailable_at_once(sockdir):
+    """AF_UNIX never waits in connect(): a listener with a full backlog fails with EAGAIN,
+    which is helper_unavailable, not helper_timeout."""
+    path = str(sockdir / "busy.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    fillers = []
+    try:
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            fillers.append(sock)
+            try:
+                sock.connect(path)
+            except BlockingIOError:
+                break
+            assert len(fillers) < 100
+        started = time.monotonic()
+        outcome = call_helper(path, "reboot_host", new_id(), 2.0)
+        assert time.monotonic() - started < 0.5
+        assert outcome.error_code == "helper_unavailable", outcome
+    finally:
+        for sock in fillers:
+            sock.close()
+        listener.close()

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from infoscreen.helper import protocol
+from infoscreen.supervisor.helper_client import decode_response
 from tests.helper.helper_support import DISPATCH, DRY_RUN, Helper, exchange
 
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -81,7 +81,7 @@ def check(helper: Helper, frame: bytes):
     if answer is None:   # a close is allowed; a crash is not
         assert helper.proc.poll() is None
         return
-    decoded = protocol.decode_response(json.dumps(answer).encode())   # well-formed
+    decoded = decode_response(json.dumps(answer).encode())   # well-formed
     assert decoded["mock"] is True
     if decoded["ok"]:
         assert oracle_is_valid(frame), frame

@@ -18,9 +18,11 @@ ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
 CLIENT = "infoscreen-simclient.service"
 NOTIFY = "infoscreen-notify-failure@.service"
+HELPER = "infoscreen-helper@.service"
+HELPER_SOCKET = "infoscreen-helper.socket"
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
-EXPOSURE_TARGET = {CLIENT: 2.0, NOTIFY: 2.0}
+EXPOSURE_TARGET = {CLIENT: 2.0, NOTIFY: 2.0, HELPER: 1.5}
 
 
 def unit(name: str) -> configparser.ConfigParser:
@@ -49,12 +51,15 @@ def test_exposure_within_target(name: str):
 
 @needs_analyze
 @pytest.mark.skipif(not Path("/usr/lib/systemd/system/sysinit.target").exists(), reason="no systemd unit tree")
-@pytest.mark.parametrize("name", [CLIENT, "infoscreen-notify-failure@infoscreen-simclient.service.service"])
+@pytest.mark.parametrize(
+    "name",
+    [CLIENT, "infoscreen-notify-failure@infoscreen-simclient.service.service", HELPER_SOCKET, "infoscreen-helper@0.service"],
+)
 def test_verify_in_a_scratch_root(tmp_path: Path, name: str):
     """What `systemd-analyze verify` says on a device (the e2e suite runs it there too)."""
     bindir = tmp_path / "opt/infoscreen/venv/bin"
     bindir.mkdir(parents=True)
-    for prog in ("infoscreen-simclient", "infoscreen-notify-failure", "infoscreen-helper"):
+    for prog in ("infoscreen-simclient", "infoscreen-notify-failure", "infoscreen-helper", "python"):
         (bindir / prog).write_text("#!/bin/sh\n")
         (bindir / prog).chmod(0o755)
     (tmp_path / "usr/lib/systemd").mkdir(parents=True)
@@ -84,6 +89,25 @@ def test_client_unit_essentials():
     assert u["OnFailure"] == "infoscreen-notify-failure@%n.service"
     # the supervisor reads boot_id and sees the display process: no hidepid, no subset=pid
     assert s["ProtectProc"] == "default" and s["ProcSubset"] == "all"
+
+
+def test_helper_units_essentials():
+    """The privilege boundary's directives (docs/security.md, "The units")."""
+    s, sock = unit(HELPER)["Service"], unit(HELPER_SOCKET)["Socket"]
+    assert sock["SocketMode"] == "0660" and sock["SocketUser"] == "root" and sock["SocketGroup"] == "infoscreen"
+    assert sock["Accept"] == "yes" and sock["ListenStream"] == "/run/infoscreen-helper/helper.sock"
+    assert s["User"] == s["Group"] == "root"
+    assert s["CapabilityBoundingSet"] == "" and s["AmbientCapabilities"] == ""
+    assert s["NoNewPrivileges"] == "yes" and s["SecureBits"].split() == ["noroot", "noroot-locked"]
+    assert s["PrivateNetwork"] == "yes" and s["RestrictAddressFamilies"] == "AF_UNIX"
+    assert s["ProtectSystem"] == "strict" and s["PrivateUsers"] == "no"
+    # isolated, no site processing: no .pth file of the venv runs as root
+    assert s["ExecStart"].split()[:3] == ["/opt/infoscreen/venv/bin/python", "-I", "-S"]
+    assert s["EnvironmentFile"] == "-/etc/infoscreen/helper.env"
+    for u in (unit(HELPER), unit(HELPER_SOCKET)):
+        assert u["Unit"]["Documentation"] == "file:///opt/infoscreen/docs/security.md"
+    # an instance cannot outlive its longest legitimate life: read + pre-flight + grace + action
+    assert seconds(s["RuntimeMaxSec"]) > 30 + 3 + 60 + 30
 
 
 def test_restart_arithmetic_lets_the_start_limit_fire():
