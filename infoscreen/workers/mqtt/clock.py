@@ -95,6 +95,26 @@ class Clock:
     def synchronized(self) -> bool:
         raise NotImplementedError
 
+    def since_boot(self) -> float:
+        """Seconds since this boot began, on the monotonic clock."""
+        raise NotImplementedError
+
+
+def _boot_mono_offset() -> float:
+    """Where this boot began on CLOCK_MONOTONIC: the start time of PID 1.
+
+    On a device it is about 0 (the kernel's monotonic clock starts at boot). In a container
+    the monotonic clock is the host's and does not restart with the container's boot; PID 1's
+    start time (field 22 of /proc/1/stat, in clock ticks since the kernel booted) marks it.
+    """
+    try:
+        with open("/proc/1/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+        fields = stat[stat.rindex(")") + 2:].split()
+        return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0  # a lower bound of the time since boot: acks may be kept longer, never less
+
 
 class SystemClock(Clock):
     CACHE_S = 1.0
@@ -103,6 +123,7 @@ class SystemClock(Clock):
         self.trust = trust
         self.flag_path = flag_path
         self._cached: tuple[float, bool] | None = None
+        self._boot_offset: float | None = None
 
     def wall(self) -> float:
         return time.time()
@@ -110,6 +131,11 @@ class SystemClock(Clock):
     def mono(self) -> float:
         # CLOCK_MONOTONIC: comparable across the processes of one boot.
         return time.monotonic()
+
+    def since_boot(self) -> float:
+        if self._boot_offset is None:
+            self._boot_offset = _boot_mono_offset()
+        return time.monotonic() - self._boot_offset
 
     def synchronized(self) -> bool:
         if self.trust == "always":
@@ -134,6 +160,9 @@ class FakeClock(Clock):
 
     def synchronized(self) -> bool:
         return self.synced
+
+    def since_boot(self) -> float:
+        return self._mono  # a fake boot starts at monotonic 0
 
     def advance(self, seconds: float) -> None:
         self._wall += seconds
@@ -161,17 +190,17 @@ class Deadline:
         if boot_id is not None and boot_id == self.boot_id:
             return clock.mono() >= self.deadline_mono
         # Another boot and no trustworthy wall clock: what was left at the last status
-        # change, counted from this boot's start (CLOCK_MONOTONIC starts near zero at boot).
-        # A lower bound of the time spent: the ack may be kept too long, never dropped early.
+        # change, counted from this boot's start. A lower bound of the time spent (the time
+        # the device was off is not counted): an ack may be kept too long, never dropped early.
         remaining = self.deadline_mono - self.updated_mono
-        return clock.mono() >= remaining
+        return clock.since_boot() >= remaining
 
     def remaining(self, clock: Clock, boot_id: str | None) -> float:
         if clock.synchronized():
             return self.expires_wall - clock.wall()
         if boot_id is not None and boot_id == self.boot_id:
             return self.deadline_mono - clock.mono()
-        return (self.deadline_mono - self.updated_mono) - clock.mono()
+        return (self.deadline_mono - self.updated_mono) - clock.since_boot()
 
 
 TIMESYNCD_CLOCK_FILE = "/var/lib/systemd/timesync/clock"  # its mtime: the last synchronised time
