@@ -21,7 +21,7 @@ import threading
 import time
 import uuid as uuidlib
 
-from common import ROOT, client, machine, now_iso, subscribe, summary_ms, pct, workdir
+from common import report, ROOT, client, machine, now_iso, subscribe, summary_ms, pct, workdir
 
 from tests.support.broker import MosquittoBroker
 from tests.support.tree import Tree
@@ -138,10 +138,7 @@ def main() -> int:
         f"(target: < 10 ms)",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    with open(args.out, "w") as f:
-        f.write(text)
+    report("\n".join(lines), args.out)
     return 0
 
 

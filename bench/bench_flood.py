@@ -20,7 +20,7 @@ import time
 import uuid as uuidlib
 
 import psutil
-from common import ROOT, client, machine, subscribe, workdir
+from common import report, ROOT, client, machine, subscribe, workdir
 
 from tests.support.broker import MosquittoBroker
 from tests.support.tree import Tree
@@ -124,10 +124,7 @@ def main() -> int:
         f"| MQTT worker still the same process | {alive} |",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    with open(args.out, "w") as f:
-        f.write(text)
+    report("\n".join(lines), args.out)
     return 0
 
 

@@ -66,6 +66,14 @@ def summary_ms(values: list[float]) -> str:
             f"max={max(ms):.3f} ms mean={statistics.fmean(ms):.3f} ms")
 
 
+def report(text: str, out: str | None = None) -> None:
+    """Print a result block, and keep a copy in `out` (bench/results/ is not committed)."""
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+
+
 def workdir(prefix: str = "infoscreen-bench-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 

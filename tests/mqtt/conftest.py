@@ -34,6 +34,7 @@ from infoscreen.ipc import messages
 from infoscreen.ipc.channel import SupervisorChannel, prepare_runtime_dir
 from tests.support.broker import MosquittoBroker
 from tests.support.mqtt import MqttProbe
+from tests.support.waiting import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -211,14 +212,7 @@ class WorkerProc:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
     def cleanup(self) -> None:
         self.stop()

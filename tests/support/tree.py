@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 
 from tests.support.notify import NotifyListener
-from tests.support.waiting import wait_until
+from tests.support.waiting import stop_process, wait_until
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -81,14 +81,7 @@ class Helper:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 class Tree:
@@ -222,18 +215,7 @@ class Tree:
         return self.proc.wait(timeout)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        rc = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                rc = self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                rc = self.proc.wait(5)
-        elif self.proc is not None:
-            rc = self.proc.returncode
-        return rc
+        return stop_process(self.proc, timeout)
 
     def cleanup(self) -> None:
         workers = list(self.workers().values()) if self.proc and self.proc.poll() is None else []

@@ -72,3 +72,22 @@ def wait_process_exit(pid: int, timeout: float = 5.0) -> None:
             raise TimeoutError(f"process {pid} still running after {timeout} s")
     finally:
         os.close(fd)
+
+
+def stop_process(proc, timeout: float = 5.0):
+    """Stop a child started by a test: SIGCONT (it may be SIGSTOPped), SIGTERM, SIGKILL after
+    `timeout`; waits for it and returns its exit status (None if it was never started)."""
+    import signal
+    import subprocess
+
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    return proc.returncode
