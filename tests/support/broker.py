@@ -76,6 +76,7 @@ class MosquittoBroker:
         server_user: str = prov.DEFAULT_SERVER_USER,
         autosave_interval: int = 30,
         run_as_user: str | None = None,
+        tls: tuple[str, str, str] | None = None,
     ) -> None:
         self.devices: list[str] = [d.lower() for d in devices]
         self.workdir = Path(workdir).resolve()
@@ -91,6 +92,7 @@ class MosquittoBroker:
         # current one means no switch (and as non-root it never switches). The production config
         # keeps `user mosquitto` (see provision.py); pass run_as_user="mosquitto" to test that.
         self.run_as_user = run_as_user or pwd.getpwuid(os.getuid()).pw_name
+        self.tls = tls  # (certfile, keyfile, CA file): a TLS listener
         self.provisioned: prov.Provisioned | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
@@ -113,6 +115,9 @@ class MosquittoBroker:
             server_user=self.server_user,
             run_as_user=self.run_as_user,
             autosave_interval=self.autosave_interval,
+            tls_cert=self.tls[0] if self.tls else None,
+            tls_key=self.tls[1] if self.tls else None,
+            tls_ca=self.tls[2] if self.tls else None,
         )
 
     def set_devices(self, devices: Iterable[str]) -> None:

@@ -89,6 +89,7 @@ class MqttProbe:
         clean_start: bool = True,
         session_expiry: int | None = None,
         keepalive: int = 30,
+        ca_file: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -108,6 +109,8 @@ class MqttProbe:
         )
         if username is not None:
             self._client.username_pw_set(username, password)
+        if ca_file is not None:  # TLS, verifying the broker's certificate against this CA
+            self._client.tls_set(ca_certs=ca_file)
         self._cond = threading.Condition()
         self._msgs: list[Message] = []
         self._taken: set[int] = set()

@@ -239,6 +239,12 @@ class Connection:
         if c is None:
             return
         c.loop_read()
+        # With TLS, whole packets can wait decrypted in the SSL object while the socket itself
+        # has nothing more to read, so the poller would not wake us for them: drain them now.
+        sock = c.socket()
+        while c is self.client and sock is not None and getattr(sock, "pending", lambda: 0)() > 0:
+            c.loop_read()
+            sock = c.socket()
         self._flush()
 
     def _on_writable(self) -> None:
