@@ -134,3 +134,41 @@ def test_alert_cleared_by_empty_payload_and_table_render():
     assert event is not None and event[0] == "service_failed_cleared"
     assert fleet.rows[d].alert is None
     assert fleet.apply("infoscreen/events/g1", b"{}", at=1.0) is None
+
+
+def test_on_a_terminal_the_table_is_redrawn_in_place(broker, device_probe, device_uuid):
+    """Under a real pseudo-terminal, `watch` draws its table with ANSI cursor control."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infoscreen.ctl.cli", "watch", "--duration", "4", "--env", str(broker.server_env_path)],
+        stdin=subprocess.DEVNULL, stdout=secondary, stderr=subprocess.PIPE,
+    )
+    os.close(secondary)
+    out = b""
+    try:
+        # The "watching ..." line on stderr says it subscribed; then a heartbeat fills a row.
+        proc.stderr.readline()
+        device_probe().publish(topics.heartbeat(device_uuid), heartbeat(device_uuid))
+        deadline = time.monotonic() + 10
+        while device_uuid[:8].encode() not in out or out.count(b"\x1b[") < 2:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, out[-500:]
+            ready, _, _ = select.select([primary], [], [], remaining)
+            if ready:
+                try:
+                    out += os.read(primary, 65536)
+                except OSError:  # the terminal closed: the process ended
+                    break
+    finally:
+        proc.kill()
+        proc.wait(5)
+        os.close(primary)
+    assert b"\x1b[" in out  # cursor control: redrawn in place, not appended
+    assert device_uuid[:8].encode() in out
