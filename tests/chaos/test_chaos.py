@@ -2,6 +2,10 @@
 broker is restarted. Afterwards every command has exactly one terminal outcome, no command ran
 twice, and every completed one ran exactly once.
 
+Most outcomes are `busy`, by design: while a killed worker is down (its restart backs off when
+kills come faster than it can settle) the broker queues the commands, and they arrive in a burst
+in which only one power command can be in flight.
+
 Short form in every run (~15 s); set INFOSCREEN_SOAK_S=600 (seconds) for a soak.
 """
 
@@ -86,5 +90,9 @@ def test_no_command_lost_or_run_twice_under_kills(tree_factory, broker, device_u
         if ("completed", None) in terminal:
             assert executions[cid] == 1, cid  # completed means it really ran (mock backend)
     assert not set(executions) - set(sent)
+    from collections import Counter
+
+    outcomes = Counter(next(a["error_code"] or a["status"] for a in statuses[c] if a["status"] in ("completed", "failed"))
+                       for c in sent)
     print(f"chaos: {len(sent)} commands, {kills} worker kills, {broker_restarts} broker restarts, "
-          f"{sum(executions.values())} executions")
+          f"{sum(executions.values())} executions; outcomes {dict(outcomes)}")
