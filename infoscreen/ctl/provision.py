@@ -516,6 +516,7 @@ def provision(
     # With TLS the clients verify the broker against tls_ca (a path as the clients see it), or
     # against the system store when it is not given.
     tls_env = ([("MQTT_TLS", "1")] + ([("MQTT_CA_FILE", tls_ca)] if tls_ca else [])) if tls else []
+    broker_env = [("MQTT_BROKER", host), ("MQTT_PORT", str(int(port))), *tls_env]  # every account's
     for uuid in devices:
         _write_atomic(
             dev_dir / f"{uuid}.env",
@@ -524,9 +525,7 @@ def provision(
                     ("CLIENT_UUID", uuid),
                     ("MQTT_USER", device_username(uuid)),
                     ("MQTT_PASSWORD_BROKER", passwords[uuid]),
-                    ("MQTT_BROKER", host),
-                    ("MQTT_PORT", str(int(port))),
-                    *tls_env,
+                    *broker_env,
                 ],
                 f"infoscreen device {uuid}",
             ),
@@ -538,9 +537,7 @@ def provision(
             [
                 ("MQTT_USER", server_user),
                 ("MQTT_PASSWORD_BROKER", server_password),
-                ("MQTT_BROKER", host),
-                ("MQTT_PORT", str(int(port))),
-                *tls_env,
+                *broker_env,
             ],
             "infoscreen server account",
         ),

@@ -182,15 +182,10 @@ class MqttProbe:
 
     def _wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         """Wait on the condition (held by the caller) until `predicate()` is truthy."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"{self.client_id}: {what} within {timeout} s")
-            self._cond.wait(remaining)
+        value = self._cond.wait_for(predicate, timeout)
+        if not value:
+            raise TimeoutError(f"{self.client_id}: {what} within {timeout} s")
+        return value
 
     def _wait_ack(self, mid: int, timeout: float, what: str) -> Any:
         with self._cond:

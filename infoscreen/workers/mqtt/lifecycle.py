@@ -78,6 +78,7 @@ class Lifecycle:
         self.reconnect_mono: float | None = None
         self.counts = {"received": 0, "rejected": 0, "duplicates": 0, "no_id": 0, "exec_requests": 0}
         self.mock = cfg.mock_execution and not cfg.production
+        self._floor: float | None = None  # cache of the stored wall-clock floor
 
     # -- acks -------------------------------------------------------------------------------
     def _acks(self, rec: Record, status: str | None = None) -> list[tuple[str, bytes]]:
@@ -165,7 +166,9 @@ class Lifecycle:
         log.warning("rejected command %s: %s (%s)", command_id, code, message)
 
     def _intake(self, cmd: Command) -> None:
-        code, message, deadline = judge(cmd.expires_at, cmd.issued_at, self.clock, self.boot_id, self.wall_floor())
+        # The floor matters only to an unsynchronised clock: no store read or stat otherwise.
+        floor = None if self.clock.synchronized() else self.wall_floor()
+        code, message, deadline = judge(cmd.expires_at, cmd.issued_at, self.clock, self.boot_id, floor)
         if code is not None or deadline is None:
             self._reject(cmd.command_id, cmd.action, code or ErrorCode.EXPIRED.value, message or "expired")
             return
@@ -336,13 +339,16 @@ class Lifecycle:
 
     def wall_floor(self) -> float | None:
         """A time this device has certainly reached: ours, or systemd-timesyncd's."""
-        floors = [f for f in (self.store.kv_get(WALL_FLOOR), wall_floor_from_timesyncd()) if f]
+        if self._floor is None:  # read once; note_wall_time keeps it current afterwards
+            self._floor = self.store.kv_get(WALL_FLOOR) or 0.0
+        floors = [f for f in (self._floor, wall_floor_from_timesyncd()) if f]
         return max(floors) if floors else None
 
     def note_wall_time(self) -> None:
         """Keep the wall-clock floor (at every heartbeat while synchronised; one tiny commit)."""
         if self.clock.synchronized():
-            self.store.kv_set(WALL_FLOOR, self.clock.wall())
+            self._floor = self.clock.wall()
+            self.store.kv_set(WALL_FLOOR, self._floor)
 
     def refresh_evidence(self) -> None:
         """Fill in what needs a synchronised clock once it is (seconds_to_reconnect, off time)."""
