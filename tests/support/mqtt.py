@@ -261,11 +261,15 @@ class MqttProbe:
         return self._wait_ack(mid, timeout, f"no UNSUBACK for {topic!r}")
 
     def publish(self, topic: str, payload: Any = b"", qos: int = 1, retain: bool = False,
-                timeout: float = 5.0) -> int:
+                timeout: float = 5.0, user_properties: list[tuple[str, str]] | None = None) -> int:
         """Publish and return the PUBACK reason code (QoS 1, MQTT 5): 0 delivered to subscribers,
         16 no matching subscribers, 135 not authorized. At QoS 0 (or under MQTT 3.1.1) the broker
         says nothing, and 0 is returned once the packet is written."""
-        info = self._client.publish(topic, _encode(payload), qos=qos, retain=retain)
+        props = None
+        if user_properties:  # e.g. [("signature", "hmac-sha256=...")] on a signed command
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = list(user_properties)
+        info = self._client.publish(topic, _encode(payload), qos=qos, retain=retain, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise ConnectionError(f"{self.client_id}: publish {topic!r} failed: {mqtt.error_string(info.rc)}")
         return self._wait_ack(info.mid, timeout, f"no PUBACK for {topic!r}")
