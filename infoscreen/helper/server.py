@@ -1,8 +1,9 @@
 """infoscreen-helper, the only root process of the client: it reboots or powers off the host
 for allowed local peers through a closed dispatch table (as OpenSSH's monitor.c): nothing from a
-request reaches an argv, an environment or a path. Standard library only. docs/security.md."""
-import contextlib, errno, fcntl, grp, json, os, pwd, signal, socket, stat, struct, subprocess
-import sys, threading, time, types
+request reaches an argv, an environment or a path. With a command key, only a command signed
+with it acts, once. Standard library only. docs/security.md."""
+import contextlib, datetime, errno, fcntl, grp, hashlib, hmac, json, os, pwd, re, signal, socket
+import stat, struct, subprocess, sys, threading, time, types
 
 from infoscreen.helper import protocol as P
 
@@ -14,6 +15,8 @@ DISPATCH = {   # closed table: action -> (pre-flight argv, real argv); tuples ar
 }
 # The pre-flight answers in milliseconds; 3 s lets `exec_timeout` reach a client that waits 5 s.
 DRY_RUN_TIMEOUT_S, EXEC_TIMEOUT_S, WINDOW_S = 3.0, 30.0, 3600.0
+# The replay store keeps an id for the longest validity of a command; the clock's trust flag.
+KEEP_S, TIMESYNC_FLAG = 7 * 86400, "/run/systemd/timesync/synchronized"
 MAX_WORKERS = 16   # standalone mode: concurrent connections; more are closed at once
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
 _audit_lock = threading.Lock()
@@ -47,18 +50,50 @@ def _ids(env, name, default, lookup):
             raise ConfigError("%s: no such name on this host: %r" % (name, item[:40])) from None
     return tuple(ids)
 
+def _flag(env, name):
+    flag = env.get(name, "").strip().lower()
+    if flag not in TRUE | FALSE:
+        raise ConfigError("%s: expected a boolean" % name)
+    return flag in TRUE
+
+def load_key(path):
+    """The device's command key, or None without a key file. Only we may read or write it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError("HELPER_COMMAND_KEY_FILE: cannot open %s: %s" % (path, exc.strerror))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise ConfigError("HELPER_COMMAND_KEY_FILE: %s: not a file of ours, or group/other "
+                              "may access it" % path)
+        text = os.read(fd, 66)
+    finally:
+        os.close(fd)
+    if not re.fullmatch(rb"[0-9a-f]{64}\n?", text):
+        raise ConfigError("HELPER_COMMAND_KEY_FILE: %s is not 64 lower-case hex characters" % path)
+    return bytes.fromhex(text[:64].decode())
+
 def load_config(env):
     mode = env.get("INFOSCREEN_ENV", "").strip() or "production"
     if mode not in ("production", "development", "test"):
         raise ConfigError("INFOSCREEN_ENV: must be production, development or test")
-    flag = env.get("COMMAND_MOCK_REBOOT_IMMEDIATE_COMPLETE", "").strip().lower()
-    if flag not in TRUE | FALSE:
-        raise ConfigError("COMMAND_MOCK_REBOOT_IMMEDIATE_COMPLETE: expected a boolean")
-    if flag in TRUE and mode == "production":   # loud, never silently ignored
+    mock = _flag(env, "COMMAND_MOCK_REBOOT_IMMEDIATE_COMPLETE")
+    if mock and mode == "production":   # loud, never silently ignored
         raise ConfigError("COMMAND_MOCK_REBOOT_IMMEDIATE_COMPLETE: mock execution refused "
                           "under INFOSCREEN_ENV=production")
+    key_file = env.get("HELPER_COMMAND_KEY_FILE", "").strip() or "/etc/infoscreen/command.key"
+    if not os.path.isabs(key_file):
+        raise ConfigError("HELPER_COMMAND_KEY_FILE: must be an absolute path")
+    key = load_key(key_file)
+    if key is None and mode == "production" and not _flag(env, "HELPER_ALLOW_UNSIGNED"):
+        raise ConfigError("HELPER_COMMAND_KEY_FILE: no command key at %s; production needs one "
+                          "(or HELPER_ALLOW_UNSIGNED=1 for a fleet that does not sign)" % key_file)
     cfg = types.SimpleNamespace(
-        mode=mode, mock=flag in TRUE, socket_ino=None,
+        mode=mode, mock=mock, socket_ino=None, key=key,
+        clock_always=env.get("INFOSCREEN_CLOCK_TRUST", "").strip() == "always",
         socket=env.get("HELPER_SOCKET", "").strip() or "/run/infoscreen-helper/helper.sock",
         state_dir=env.get("HELPER_STATE_DIR", "").strip() or "/var/lib/infoscreen-helper",
         users=_ids(env, "HELPER_ALLOWED_USERS", "", lambda n: pwd.getpwnam(n).pw_uid),
@@ -67,7 +102,7 @@ def load_config(env):
         # A breaker, not a quota: at most 100 in production; test harnesses may go higher.
         limit=_number(env, "HELPER_MAX_ACTIONS_PER_HOUR", 3, 0,
                       100 if mode == "production" else 100000, int),
-        read_timeout=_number(env, "HELPER_READ_TIMEOUT_S", 2.0, 0.05, 30.0))
+        read_timeout=_number(env, "HELPER_READ_TIMEOUT_S", 1.0, 0.05, 30.0))
     for name in ("socket", "state_dir"):
         if not os.path.isabs(getattr(cfg, name)):
             raise ConfigError("HELPER_%s: must be an absolute path" % name.upper())
@@ -94,44 +129,83 @@ def _try_lock(state_dir):
         os.close(fd)
         return None
 
-def _save_times(dfd, times):
+def _save_state(dfd, state):
     # write, fsync, rename, fsync the directory: a power cut leaves the old or the new file.
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     with os.fdopen(os.open("actions.json.tmp", flags, 0o600, dir_fd=dfd), "w") as f:
-        f.write(json.dumps({"v": 1, "ts": times}))
+        f.write(json.dumps(dict(state, v=2)))
         f.flush()
         os.fsync(f.fileno())
     os.rename("actions.json.tmp", "actions.json", src_dir_fd=dfd, dst_dir_fd=dfd)
     os.fsync(dfd)
 
-def _load_times(dfd, now, limit):
-    """Wall-clock times of recent actions: they must survive reboots (docs/security.md)."""
+def _number_ok(x):
+    return type(x) in (int, float) and x == x and abs(x) < 1e12
+
+def _load_state(dfd, limit):
+    """Breaker times, high-water time mark, replay store, kept across reboots (docs/security.md).
+    Now is the wall clock, but never below the mark plus the monotonic time since it was set."""
+    mono = time.monotonic()
     try:
         fd = os.open("actions.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-        with os.fdopen(fd, "rb") as f:   # 4 MiB: room for 100000 timestamps
-            times = json.loads(f.read(1 << 22))["ts"]
-        if not all(type(t) in (int, float) and t == t for t in times):
-            raise ValueError("bad timestamp")
+        with os.fdopen(fd, "rb") as f:   # 16 MiB: room for 100000 times and ids
+            st = json.loads(f.read(1 << 24))
+        ts, seen = st["ts"], st.get("seen", {})
+        hw, hw_mono = st.get("hw", 0.0), st.get("hw_mono", mono)   # v1 files: no mark yet
+        if not (all(map(_number_ok, ts + [hw, hw_mono] + list(seen.values())))
+                and all(P.COMMAND_ID.fullmatch(k) for k in seen)):
+            raise ValueError("bad state")
     except FileNotFoundError:
-        return []
-    except (OSError, ValueError, KeyError, TypeError):
+        ts, seen, hw, hw_mono = [], {}, 0.0, mono
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         audit(event="state_corrupt")   # fail closed for one hour, then heal
-        times, kept = None, [now] * limit
-    else:   # clamp future times (the clock went back) to now: they count one hour, no longer
-        kept = [min(t, now) for t in times if t > now - WINDOW_S]
-    if kept != times:
-        _save_times(dfd, kept)
-    return kept
+        ts, seen, hw, hw_mono = None, {}, 0.0, mono
+    now = max(time.time(), hw + max(0.0, mono - hw_mono))
+    # Clamp future times (an edited file, an old version's) to now: they count one hour, no more.
+    state = dict(ts=[now] * limit if ts is None else [min(t, now) for t in ts if t > now - WINDOW_S],
+                 seen={k: u for k, u in seen.items() if u > now}, hw=now, hw_mono=mono)
+    if (state["ts"], state["seen"]) != (ts, seen):   # healed, clamped or pruned: keep it so
+        _save_state(dfd, state)
+    return state
 
-def _schedule(action, command_id, cfg):
-    """Lock, breaker, pre-flight, record; return the action to run after the `ok` answer."""
+def _clock_trusted(cfg):
+    return cfg.clock_always or os.path.exists(TIMESYNC_FLAG)
+
+def authenticate(cfg, action, command_id, payload, sig):
+    """With a key: the signature over the payload bytes (constant time). Then, from the payload
+    itself: this action, this command id, and (with a trusted clock) not expired. Returns the
+    payload's expires_at. Raises ProtocolError; costs the breaker nothing."""
+    if cfg.key is not None:
+        want = "hmac-sha256=" + hmac.new(cfg.key, payload, hashlib.sha256).hexdigest()
+        if not (sig and P.SIGNATURE.fullmatch(sig) and hmac.compare_digest(want, sig)):
+            raise P.ProtocolError("signature_invalid", "missing or wrong signature", command_id)
+    try:
+        cmd = P.load_object(payload)
+        cid, expires = cmd.get("command_id"), datetime.datetime.fromisoformat(cmd["expires_at"])
+        if expires.tzinfo is None:
+            raise ValueError("no time zone")
+    except (P.ProtocolError, KeyError, TypeError, ValueError):
+        raise P.ProtocolError("bad_request", "the payload is not a command with expires_at",
+                              command_id) from None
+    if cmd.get("action") != action or not isinstance(cid, str) or cid.lower() != command_id.lower():
+        raise P.ProtocolError("bad_request", "the payload names another action or command id",
+                              command_id)
+    expires, now = expires.timestamp(), time.time()
+    if _clock_trusted(cfg) and not now < expires <= now + KEEP_S:
+        raise P.ProtocolError("expired", "expires_at is past or more than 7 days ahead", command_id)
+    return expires
+
+def _schedule(action, command_id, expires, cfg):
+    """Lock, replay store, breaker, pre-flight, record; return what runs after the answer."""
     dry_argv, argv = DISPATCH[action]
     lock = _try_lock(cfg.state_dir)
     if lock is None:
         raise P.ProtocolError("busy", "another power action is in progress", command_id)
     try:
-        now = time.time()
-        times = _load_times(lock, now, cfg.limit)
+        state = _load_state(lock, cfg.limit)
+        times, key = state["ts"], command_id.lower()
+        if key in state["seen"]:
+            raise P.ProtocolError("replayed", "this command id already ran here", command_id)
         if len(times) >= cfg.limit:
             raise P.ProtocolError("rate_limited", "%d power actions in the last hour, limit %d"
                                   % (len(times), cfg.limit), command_id)
@@ -142,7 +216,9 @@ def _schedule(action, command_id, cfg):
             raise P.ProtocolError(code, "pre-flight check: %s" % exc, command_id) from None
         if status != 0:
             raise P.ProtocolError("exec_failed", "pre-flight exit status %d" % status, command_id)
-        _save_times(lock, times + [now])   # OSError -> internal_error, not scheduled
+        # The id stays used even if the answer is lost: never twice (fail closed).
+        state["seen"][key] = max(state["hw"] + KEEP_S, expires)
+        _save_state(lock, dict(state, ts=times + [state["hw"]]))   # OSError: internal_error
     except BaseException:
         os.close(lock)
         raise
@@ -154,7 +230,7 @@ def _schedule(action, command_id, cfg):
         start = time.monotonic()
         try:
             if cancel:   # never act behind the client's back, and un-count the action while
-                _save_times(lock, times)   # the lock is still ours
+                _save_state(lock, state)   # the lock is still ours
                 return
             time.sleep(cfg.grace)
             rec["outcome"] = "started"
@@ -189,8 +265,10 @@ def handle(conn, cfg):
             data = P.read_frame(conn, start + cfg.read_timeout)
         except (socket.timeout, ConnectionError):
             raise P.ProtocolError("bad_request", "no complete request before the deadline")
-        rec["action"], rec["command_id"] = P.decode_request(data)
-        pending = _schedule(rec["action"], rec["command_id"], cfg)
+        rec["action"], rec["command_id"], payload, sig = P.decode_request(data)
+        rec["signed"] = sig is not None
+        expires = authenticate(cfg, rec["action"], rec["command_id"], payload, sig)
+        pending = _schedule(rec["action"], rec["command_id"], expires, cfg)
         reply, rec["outcome"] = P.encode_response(True, rec["command_id"], cfg.mock), "ok"
     except Exception as exc:   # a ProtocolError, or anything else: fail closed, keep serving
         err = exc if isinstance(exc, P.ProtocolError) else P.ProtocolError(
@@ -298,6 +376,7 @@ def main():
     signal.signal(signal.SIGINT, _on_signal)
     listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
     audit(event="start", pid=os.getpid(), mode=cfg.mode, mock=cfg.mock, listening=listening,
+          command_auth="signed" if cfg.key else "unsigned",
           socket=cfg.socket if cfg.socket_ino else "(activated)")
     try:
         if listening:

@@ -75,10 +75,14 @@ class BrokerStatus(Msg, tag="broker"):
 
 
 class ExecRequest(Msg, tag="exec"):
-    """Run a power action through the helper; sent once per command, never repeated."""
+    """Run a power action through the helper; sent once per command, never repeated. The
+    command's MQTT payload bytes and its `signature` user property travel unchanged: the
+    helper alone verifies them and reads the action, id and expiry from the signed bytes."""
 
     command_id: str
     action: str
+    payload: bytes = b""
+    signature: str | None = None
 
 
 class ExecQuery(Msg, tag="exec?"):

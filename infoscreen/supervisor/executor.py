@@ -70,7 +70,8 @@ class Executor:
 
     def _run(self, req: messages.ExecRequest) -> None:
         try:
-            out = self.call(self.helper_socket, req.action, req.command_id, self.timeout_s)
+            out = self.call(self.helper_socket, req.action, req.command_id, self.timeout_s,
+                            req.payload, req.signature)
             result = messages.ExecResult(
                 command_id=req.command_id,
                 action=req.action,

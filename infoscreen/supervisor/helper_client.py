@@ -1,7 +1,8 @@
 """The supervisor's client for the root helper (standard library only).
 
 `call_helper` makes one request over the helper's Unix socket and maps every outcome onto the
-ack error codes of CONTRACT.md. It blocks (the supervisor calls it from a worker thread) but
+ack error codes (docs/server-integration.md). It carries the command's MQTT payload bytes and its
+`signature` property unchanged: the helper alone verifies them. It blocks (the supervisor calls it from a worker thread) but
 never for longer than `timeout_s` in total: connect, send and the answer share one deadline.
 
     socket missing / refused / not permitted   -> helper_unavailable
@@ -9,12 +10,14 @@ never for longer than `timeout_s` in total: connect, send and the answer share o
     socket served by a process not root        -> helper_unavailable  (nothing is sent)
     no complete answer before the deadline     -> helper_timeout
     helper answered busy                       -> busy
+    helper answered signature_invalid          -> signature_invalid
     helper answered exec_failed / exec_timeout -> execution_failed  (helper's detail in message)
     any other helper refusal                   -> helper_rejected   ("<helper code>: <detail>")
     garbage, oversize or no answer at all      -> helper_rejected
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -40,8 +43,10 @@ def _fail(code: str, message: str) -> HelperOutcome:
     return HelperOutcome(False, False, code, message[: protocol.MAX_MESSAGE + 40])
 
 
-def encode_request(action: str, command_id: str) -> bytes:
-    return json.dumps({"v": protocol.VERSION, "action": action, "command_id": command_id}).encode()
+def encode_request(action: str, command_id: str, payload: bytes, signature: str | None) -> bytes:
+    return json.dumps({"v": protocol.VERSION, "action": action, "command_id": command_id,
+                       "payload": base64.b64encode(payload).decode("ascii"),
+                       "signature": signature}).encode()
 
 
 def decode_response(data: bytes) -> dict:
@@ -73,14 +78,15 @@ def _map_answer(answer: dict) -> HelperOutcome:
     if answer["ok"]:
         return HelperOutcome(True, answer["mock"], None, None)
     code, detail = answer["error_code"], answer["error_message"] or ""
-    if code == "busy":
-        return HelperOutcome(False, answer["mock"], "busy", detail or "helper busy")
+    if code in ("busy", "signature_invalid"):  # the ack codes of the same name
+        return HelperOutcome(False, answer["mock"], code, detail or code)
     if code in _EXECUTION_CODES:
         return HelperOutcome(False, answer["mock"], "execution_failed", f"{code}: {detail}")
     return HelperOutcome(False, answer["mock"], "helper_rejected", f"{code}: {detail}")
 
 
-def call_helper(socket_path: str, action: str, command_id: str, timeout_s: float) -> HelperOutcome:
+def call_helper(socket_path: str, action: str, command_id: str, timeout_s: float, payload: bytes,
+                signature: str | None) -> HelperOutcome:
     """One request to the helper. Never raises for I/O or protocol trouble; never takes
     longer than timeout_s."""
     deadline = time.monotonic() + timeout_s
@@ -104,7 +110,7 @@ def call_helper(socket_path: str, action: str, command_id: str, timeout_s: float
         try:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             try:
-                sock.sendall(encode_request(action, command_id))
+                sock.sendall(encode_request(action, command_id, payload, signature))
                 sock.shutdown(socket.SHUT_WR)   # end of frame
             except (BrokenPipeError, ConnectionResetError):
                 pass   # it answered before reading (a refused peer) and closed: read that answer

@@ -36,7 +36,7 @@ TERMINAL_STATUSES = frozenset({AckStatus.COMPLETED.value, AckStatus.FAILED.value
 
 
 class ErrorCode(str, enum.Enum):
-    """The one table of `error_code` values of a `failed` ack (CONTRACT.md)."""
+    """The one table of `error_code` values of a `failed` ack (docs/server-integration.md)."""
 
     INVALID_PAYLOAD = "invalid_payload"
     UNSUPPORTED_ACTION = "unsupported_action"
@@ -49,6 +49,8 @@ class ErrorCode(str, enum.Enum):
     HELPER_REJECTED = "helper_rejected"
     EXECUTION_FAILED = "execution_failed"
     REBOOT_NOT_OBSERVED = "reboot_not_observed"
+    SIGNATURE_INVALID = "signature_invalid"  # a keyed device: signature missing or wrong
+    INTERNAL_ERROR = "internal_error"  # project addition: handling kept failing, given up
 
 
 ERROR_CODES = frozenset(c.value for c in ErrorCode)

@@ -114,8 +114,15 @@ def exchange(path: str, payload: bytes, timeout=5.0, half_close=True) -> dict | 
     return json.loads(data) if data else None
 
 
-def request(action="reboot_host", command_id=None, **extra) -> bytes:
-    body = {"v": 1, "action": action, "command_id": command_id or str(uuid.uuid4()), **extra}
+def request(action="reboot_host", command_id=None, payload=None, signature=None, **extra) -> bytes:
+    """A helper request frame; the command payload is made to match unless given."""
+    import base64
+    command_id = command_id or str(uuid.uuid4())
+    if payload is None:
+        payload = command_payload(action if isinstance(action, str) else "reboot_host",
+                                  command_id if isinstance(command_id, str) else None)
+    body = {"v": 2, "action": action, "command_id": command_id,
+            "payload": base64.b64encode(payload).decode(), "signature": signature, **extra}
     return json.dumps(body).encode()
 
 
@@ -141,3 +148,20 @@ def run_as_nobody(fn):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     return json.loads(data)
+
+
+def command_payload(action="reboot_host", command_id=None, expires_in=600.0, **extra) -> bytes:
+    """A command's MQTT payload as the server publishes it (what the helper reads, and verifies
+    when it has a key)."""
+    from datetime import datetime, timedelta, timezone
+    expires = datetime.now(timezone.utc) + timedelta(seconds=expires_in)
+    body = {"schema_version": "1.0", "command_id": command_id or str(uuid.uuid4()), "action": action,
+            "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%SZ"), **extra}
+    return json.dumps(body).encode()
+
+
+def call_unsigned(path, action, command_id, timeout_s, **kw):
+    """call_helper with the command's payload made here, unsigned unless signature= is given."""
+    from infoscreen.supervisor.helper_client import call_helper
+    payload = kw.pop("payload", None) or command_payload(action, command_id)
+    return call_helper(path, action, command_id, timeout_s, payload, kw.pop("signature", None))

@@ -13,8 +13,8 @@ import uuid
 import pytest
 
 from infoscreen.helper import protocol
-from infoscreen.supervisor.helper_client import HelperOutcome, _map_answer, call_helper, decode_response
-from tests.helper.helper_support import run_as_nobody
+from infoscreen.supervisor.helper_client import HelperOutcome, _map_answer, decode_response
+from tests.helper.helper_support import call_unsigned, run_as_nobody
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid")
 
@@ -25,7 +25,7 @@ def new_id() -> str:
 
 def test_ok_in_mock_mode(start_helper):
     helper = start_helper()
-    outcome = call_helper(helper.socket_path, "reboot_host", new_id(), 5.0)
+    outcome = call_unsigned(helper.socket_path, "reboot_host", new_id(), 5.0)
     assert outcome == HelperOutcome(ok=True, mock=True, error_code=None, error_message=None)
     assert dataclasses.is_dataclass(outcome)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -33,21 +33,21 @@ def test_ok_in_mock_mode(start_helper):
 
 
 def test_helper_not_running_is_unavailable(sockdir):
-    missing = call_helper(str(sockdir / "nothing.sock"), "reboot_host", new_id(), 2.0)
+    missing = call_unsigned(str(sockdir / "nothing.sock"), "reboot_host", new_id(), 2.0)
     assert (missing.ok, missing.error_code) == (False, "helper_unavailable")
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(sockdir / "stale.sock"))
     stale.close()   # the file exists, nobody listens: ECONNREFUSED
-    refused = call_helper(str(sockdir / "stale.sock"), "reboot_host", new_id(), 2.0)
+    refused = call_unsigned(str(sockdir / "stale.sock"), "reboot_host", new_id(), 2.0)
     assert refused.error_code == "helper_unavailable"
-    assert call_helper("/nonexistent-dir/x.sock", "reboot_host", new_id(), 2.0).error_code \
+    assert call_unsigned("/nonexistent-dir/x.sock", "reboot_host", new_id(), 2.0).error_code \
         == "helper_unavailable"
 
 
 def test_helper_stopped_after_start_is_unavailable(start_helper):
     helper = start_helper()
     helper.stop()   # a clean stop removes its socket
-    assert call_helper(helper.socket_path, "reboot_host", new_id(), 2.0).error_code \
+    assert call_unsigned(helper.socket_path, "reboot_host", new_id(), 2.0).error_code \
         == "helper_unavailable"
 
 
@@ -56,7 +56,7 @@ def test_stalled_helper_times_out_within_the_bound(start_helper):
     os.kill(helper.proc.pid, signal.SIGSTOP)
     try:
         started = time.monotonic()
-        outcome = call_helper(helper.socket_path, "reboot_host", new_id(), 0.5)
+        outcome = call_unsigned(helper.socket_path, "reboot_host", new_id(), 0.5)
         elapsed = time.monotonic() - started
     finally:
         os.kill(helper.proc.pid, signal.SIGCONT)
@@ -66,31 +66,31 @@ def test_stalled_helper_times_out_within_the_bound(start_helper):
 
 def test_no_time_left_is_a_timeout(start_helper):
     helper = start_helper()
-    assert call_helper(helper.socket_path, "reboot_host", new_id(), 0).error_code \
+    assert call_unsigned(helper.socket_path, "reboot_host", new_id(), 0).error_code \
         == "helper_timeout"
 
 
 def test_busy_maps_to_busy(start_helper):
     helper = start_helper(HELPER_GRACE_S=1.5)
-    assert call_helper(helper.socket_path, "reboot_host", new_id(), 5.0).ok
-    second = call_helper(helper.socket_path, "shutdown_host", new_id(), 5.0)
+    assert call_unsigned(helper.socket_path, "reboot_host", new_id(), 5.0).ok
+    second = call_unsigned(helper.socket_path, "shutdown_host", new_id(), 5.0)
     assert (second.ok, second.error_code) == (False, "busy")
 
 
 def test_rate_limited_maps_to_helper_rejected(start_helper):
     helper = start_helper(HELPER_MAX_ACTIONS_PER_HOUR=1)
-    assert call_helper(helper.socket_path, "reboot_host", new_id(), 5.0).ok
+    assert call_unsigned(helper.socket_path, "reboot_host", new_id(), 5.0).ok
     helper.wait_audit(event="exec")   # the action ran and released the lock
-    outcome = call_helper(helper.socket_path, "reboot_host", new_id(), 5.0)
+    outcome = call_unsigned(helper.socket_path, "reboot_host", new_id(), 5.0)
     assert outcome.error_code == "helper_rejected"
     assert outcome.error_message.startswith("rate_limited:")
 
 
 def test_unknown_action_and_bad_id_map_to_helper_rejected(start_helper):
     helper = start_helper()
-    unknown = call_helper(helper.socket_path, "format_disk", new_id(), 5.0)
+    unknown = call_unsigned(helper.socket_path, "format_disk", new_id(), 5.0)
     assert unknown.error_code == "helper_rejected" and "unsupported_action" in unknown.error_message
-    bad = call_helper(helper.socket_path, "reboot_host", "not-a-uuid", 5.0)
+    bad = call_unsigned(helper.socket_path, "reboot_host", "not-a-uuid", 5.0)
     assert bad.error_code == "helper_rejected" and "bad_request" in bad.error_message
 
 
@@ -99,7 +99,7 @@ def test_refused_peer_maps_to_helper_rejected(start_helper):
     helper = start_helper(HELPER_ALLOWED_GROUPS="0")
     os.chmod(helper.socket_path, 0o666)   # test dir only: let uid 65534 reach the peer check
     result = run_as_nobody(lambda: dataclasses.asdict(
-        call_helper(helper.socket_path, "reboot_host", new_id(), 5.0)))
+        call_unsigned(helper.socket_path, "reboot_host", new_id(), 5.0)))
     assert result["error_code"] == "helper_rejected"
     assert result["error_message"].startswith("peer_not_allowed:")
 
@@ -109,6 +109,8 @@ CODE_MAP = [
     ("peer_not_allowed", "helper_rejected"), ("rate_limited", "helper_rejected"),
     ("bad_request", "helper_rejected"), ("unsupported_action", "helper_rejected"),
     ("internal_error", "helper_rejected"), ("some_future_code", "helper_rejected"),
+    ("signature_invalid", "signature_invalid"), ("replayed", "helper_rejected"),
+    ("expired", "helper_rejected"),
 ]
 
 
@@ -123,7 +125,7 @@ def test_every_helper_code_maps_to_an_ack_code(code, expected):
                                                                "exited with status 1"))
     outcome = _map_answer(answer)
     assert (outcome.ok, outcome.error_code) == (False, expected)
-    if expected != "busy":
+    if expected not in ("busy", "signature_invalid"):
         assert outcome.error_message == f"{code}: exited with status 1"
 
 
@@ -186,7 +188,7 @@ def _fake_helper_as_nobody() -> tuple[int, str, int]:
 def test_a_helper_socket_served_by_a_non_root_process_is_refused():
     pid, path, report = _fake_helper_as_nobody()
     try:
-        outcome = call_helper(path, "reboot_host", new_id(), 5.0)
+        outcome = call_unsigned(path, "reboot_host", new_id(), 5.0)
     finally:
         with os.fdopen(report, "rb") as pipe:
             received = pipe.read()
@@ -201,7 +203,7 @@ def test_a_helper_socket_served_by_a_non_root_process_is_refused():
 def test_the_real_helper_passes_the_peer_check(start_helper):
     helper = start_helper()
     assert os.stat(helper.socket_path).st_uid == os.geteuid()   # the helper runs as we do
-    assert call_helper(helper.socket_path, "reboot_host", new_id(), 5.0).ok
+    assert call_unsigned(helper.socket_path, "reboot_host", new_id(), 5.0).ok
 
 
 def test_full_backlog_is_unavailable_at_once(sockdir):
@@ -223,7 +225,7 @@ def test_full_backlog_is_unavailable_at_once(sockdir):
                 break
             assert len(fillers) < 100
         started = time.monotonic()
-        outcome = call_helper(path, "reboot_host", new_id(), 2.0)
+        outcome = call_unsigned(path, "reboot_host", new_id(), 2.0)
         assert time.monotonic() - started < 0.5
         assert outcome.error_code == "helper_unavailable", outcome
     finally:

@@ -19,6 +19,7 @@ import uuid
 import pytest
 
 from infoscreen.helper import server
+from tests.helper.helper_support import request
 
 SYSTEMCTL = "/usr/bin/systemctl"
 
@@ -48,8 +49,12 @@ def production_cfg(tmp_path):
     """The configuration of a device: production, mock off, the real backend."""
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    cfg = server.load_config({"HELPER_STATE_DIR": str(state), "HELPER_ALLOWED_GROUPS": "0", "HELPER_GRACE_S": "0"})
-    assert cfg.mode == "production" and cfg.mock is False
+    key = tmp_path / "command.key"
+    key.write_text("ab" * 32 + "\n")
+    key.chmod(0o600)
+    cfg = server.load_config({"HELPER_STATE_DIR": str(state), "HELPER_ALLOWED_GROUPS": "0", "HELPER_GRACE_S": "0",
+                              "HELPER_COMMAND_KEY_FILE": str(key)})
+    assert cfg.mode == "production" and cfg.mock is False and cfg.key == b"\xab" * 32
     return cfg
 
 
@@ -62,7 +67,7 @@ def recorder(monkeypatch):
 
 
 def test_real_backend_gets_list_argv_no_shell_empty_env(production_cfg, recorder, audits):
-    run_later = server._schedule("reboot_host", str(uuid.uuid4()), production_cfg)
+    run_later = server._schedule("reboot_host", str(uuid.uuid4()), time.time() + 600, production_cfg)
     assert len(recorder.calls) == 1  # the pre-flight, before the answer
     run_later()
     assert len(recorder.calls) == 2
@@ -90,7 +95,7 @@ def test_sigterm_during_the_action_is_audited(production_cfg, monkeypatch, audit
             server._on_signal(signal.SIGTERM, None)  # the helper's own handler raises here
 
     monkeypatch.setattr(subprocess, "run", Recorder(sigterm_during_reboot))
-    run_later = server._schedule("shutdown_host", str(uuid.uuid4()), production_cfg)
+    run_later = server._schedule("shutdown_host", str(uuid.uuid4()), time.time() + 600, production_cfg)
     with pytest.raises(SystemExit) as stopped:
         run_later()
     assert stopped.value.code == 0  # a clean exit for systemd
@@ -103,12 +108,12 @@ def test_sigterm_during_the_action_is_audited(production_cfg, monkeypatch, audit
 
 
 def test_breaker_state_not_rewritten_is_audited(production_cfg, recorder, audits, monkeypatch):
-    run_later = server._schedule("reboot_host", str(uuid.uuid4()), production_cfg)
+    run_later = server._schedule("reboot_host", str(uuid.uuid4()), time.time() + 600, production_cfg)
 
     def no_disk(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(server, "_save_times", no_disk)
+    monkeypatch.setattr(server, "_save_state", no_disk)
     run_later(cancel=True)
     [line] = [a for a in audits if a["event"] == "exec"]
     assert line["outcome"] == "cancelled: answer not delivered; breaker state not rewritten: OSError"
@@ -168,7 +173,7 @@ def test_thread_start_failure_closes_the_connection_and_keeps_serving(tmp_path, 
         server.serve(Listener([theirs]), cfg)
     with ours:
         ours.settimeout(5)
-        ours.sendall(json.dumps({"v": 1, "action": "reboot_host", "command_id": str(uuid.uuid4())}).encode())
+        ours.sendall(request())
         ours.shutdown(socket.SHUT_WR)
         assert json.loads(ours.recv(4096))["ok"] is True
     deadline = time.monotonic() + 10   # let the handler thread finish its (mock) action here
@@ -187,7 +192,7 @@ def test_thread_start_failure_closes_the_connection_and_keeps_serving(tmp_path, 
     ],
 )
 def test_breaker_limit_bounds(env, ok):
-    env = {"HELPER_ALLOWED_GROUPS": "0", **env}
+    env = {"HELPER_ALLOWED_GROUPS": "0", "HELPER_ALLOW_UNSIGNED": "1", **env}
     if ok:
         assert server.load_config(env).limit == int(env["HELPER_MAX_ACTIONS_PER_HOUR"])
     else:
@@ -201,9 +206,8 @@ def test_a_full_breaker_at_the_largest_limit_is_still_readable(tmp_path, audits)
     (tmp_path / "actions.json").write_text("{half a fi")
     dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        now = 1.7e9 + 0.123456789
-        assert len(server._load_times(dfd, now, 100000)) == 100000
-        assert len(server._load_times(dfd, now + 1, 100000)) == 100000
+        assert len(server._load_state(dfd, 100000)["ts"]) == 100000
+        assert len(server._load_state(dfd, 100000)["ts"]) == 100000
     finally:
         os.close(dfd)
     assert [a["event"] for a in audits] == ["state_corrupt"]  # once, then healed
