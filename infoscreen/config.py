@@ -1,4 +1,5 @@
-"""The client's configuration: CONTRACT.md's variables, parsed once into one typed object.
+"""The client's configuration: the contract's variables (docs/configuration.md), parsed once
+into one typed object.
 
 Sources: the process environment, and an env file given with ``--env-file`` for what the
 environment does not set (the environment wins, as with systemd's ``Environment=`` over
@@ -10,12 +11,15 @@ Standard library only: parsing needs nothing more, and the alert unit imports it
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+
+from .wire import ids
 
 SECRET_VARS = frozenset({"MQTT_PASSWORD_BROKER"})
 ENVIRONMENTS = ("production", "development", "test")
@@ -42,6 +46,7 @@ class ClientConfig:
     mqtt_ca_file: str | None
     mqtt_cert_file: str | None
     mqtt_key_file: str | None
+    mqtt_allow_plaintext: bool
     environment: str
     mock_execution: bool
     state_dir: Path
@@ -53,6 +58,9 @@ class ClientConfig:
     display_pidfile: str | None
     clock_trust: str
     boot_id_file: str
+    # The helper's key file: only its existence is looked at (the client never reads the key),
+    # for health's command_auth and to refuse an unsigned command on a keyed device at once.
+    command_key_file: str
     # Project additions (docs/configuration.md): reboot confirmation and supervision policy.
     reboot_grace_s: float
     helper_timeout_s: float
@@ -81,6 +89,8 @@ class ClientConfig:
             "DISPLAY_PROCESS_NAME": self.display_process_name,
             "INFOSCREEN_CLOCK_TRUST": self.clock_trust,
             "INFOSCREEN_BOOT_ID_FILE": self.boot_id_file,
+            "HELPER_COMMAND_KEY_FILE": self.command_key_file,
+            "MQTT_ALLOW_PLAINTEXT": "1" if self.mqtt_allow_plaintext else "0",
             "REBOOT_GRACE_S": repr(self.reboot_grace_s),
             "HELPER_TIMEOUT_S": repr(self.helper_timeout_s),
             "WORKER_HEARTBEAT_S": repr(self.worker_heartbeat_s),
@@ -198,15 +208,20 @@ class _Reader:
         return value
 
 
-def validate_client_uuid(value: str) -> str:
-    """A UUID, as the topics and the broker accounts expect; rejects topic wildcards too."""
+def is_loopback(host: str) -> bool:
+    """A broker on this machine (by name or address; nothing is resolved)."""
+    if host.rstrip(".").lower() in ("localhost", "ip6-localhost", "ip6-loopback"):
+        return True
     try:
-        uuid.UUID(value)
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
-        raise ConfigError("CLIENT_UUID", f"must be a UUID, got {value!r}") from None
-    if str(uuid.UUID(value)) != value:
-        # The server and the broker's accounts use the canonical form; another spelling would
-        # put the device on topics nobody publishes to, silently.
+        return False
+
+
+def validate_client_uuid(value: str) -> str:
+    """A UUID in its canonical form (lower case, hyphenated), as the topics and the broker
+    accounts spell it: another spelling would put the device on topics nobody publishes to."""
+    if not ids.is_canonical_uuid(value):
         raise ConfigError("CLIENT_UUID", f"must be a UUID in its canonical form (lower case, hyphenated), "
                           f"got {value!r}")
     return value
@@ -243,6 +258,13 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
     if tls and key and not cert:
         raise ConfigError("MQTT_CERT_FILE", "is required when MQTT_KEY_FILE is set")
 
+    broker = r.text("MQTT_BROKER", "localhost") or "localhost"
+    allow_plaintext = r.boolean("MQTT_ALLOW_PLAINTEXT", False)
+    if environment == "production" and not tls and not allow_plaintext and not is_loopback(broker):
+        # The broker password (and every command) would cross the network in the clear.
+        raise ConfigError("MQTT_TLS", f"TLS is required in production for a broker not on loopback "
+                          f"({broker}); set MQTT_TLS=1 (and MQTT_CA_FILE), or MQTT_ALLOW_PLAINTEXT=1 "
+                          "to send the broker password in the clear")
     runtime_default = env.get("RUNTIME_DIRECTORY", "").split(":")[0] or "/run/infoscreen"
     heartbeat_s = r.seconds("WORKER_HEARTBEAT_S", 2.0, 0.05, 60.0)
     hang_s = r.seconds("WORKER_HANG_TIMEOUT_S", 10.0, 0.2, 300.0)
@@ -251,7 +273,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
 
     return ClientConfig(
         client_uuid=client_uuid,
-        mqtt_broker=r.text("MQTT_BROKER", "localhost") or "localhost",
+        mqtt_broker=broker,
         mqtt_port=r.integer("MQTT_PORT", 8883 if tls else 1883, 1, 65535),
         mqtt_user=user,
         mqtt_password=password,
@@ -259,6 +281,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         mqtt_ca_file=r.readable_file("MQTT_CA_FILE") if tls else r.raw("MQTT_CA_FILE"),
         mqtt_cert_file=cert,
         mqtt_key_file=key,
+        mqtt_allow_plaintext=allow_plaintext,
         environment=environment,
         mock_execution=mock,
         state_dir=Path(r.text("INFOSCREEN_STATE_DIR", "/var/lib/infoscreen", max_len=200) or ""),
@@ -270,6 +293,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         display_pidfile=r.text("DISPLAY_PIDFILE", None, max_len=200),
         clock_trust=r.choice("INFOSCREEN_CLOCK_TRUST", "auto", ("auto", "always")),
         boot_id_file=r.text("INFOSCREEN_BOOT_ID_FILE", "/proc/sys/kernel/random/boot_id", max_len=200) or "",
+        command_key_file=r.text("HELPER_COMMAND_KEY_FILE", "/etc/infoscreen/command.key", max_len=200) or "",
         reboot_grace_s=r.seconds("REBOOT_GRACE_S", 120.0, 1.0, 3600.0),
         helper_timeout_s=r.seconds("HELPER_TIMEOUT_S", 5.0, 0.1, 60.0),
         worker_heartbeat_s=heartbeat_s,

@@ -32,6 +32,7 @@ import zmq
 
 from infoscreen.ipc import messages
 from infoscreen.ipc.channel import SupervisorChannel, prepare_runtime_dir
+from infoscreen.wire import signing
 from tests.support.broker import MosquittoBroker
 from tests.support.mqtt import MqttProbe
 from tests.support.waiting import stop_process
@@ -229,13 +230,20 @@ class Server(MqttProbe):
         return self
 
     def command(self, uuid: str, action: str = "reboot_host", *, expires_in: float = 60.0, topic: str = "commands",
-                retain: bool = False, command_id: str | None = None, **extra: Any) -> str:
+                retain: bool = False, command_id: str | None = None, key: bytes | None = None,
+                signature: str | None = None, **extra: Any) -> str:
+        """Publish a command; signed with `key` (or with the given `signature` property)."""
         cid = command_id or str(uuidlib.uuid4())
         body = {"schema_version": "1.0", "command_id": cid, "client_uuid": uuid, "action": action,
                 "issued_at": now_plus(0), "expires_at": now_plus(expires_in)}
         body.update(extra)
         body = {k: v for k, v in body.items() if v is not None}
-        rc = self.publish(f"infoscreen/{uuid}/{topic}", json.dumps(body).encode(), retain=retain)
+        payload = json.dumps(body).encode()
+        self.last_payload = payload
+        if key is not None:
+            signature = signing.sign(key, payload)
+        props = [(signing.SIGNATURE_PROPERTY, signature)] if signature is not None else None
+        rc = self.publish(f"infoscreen/{uuid}/{topic}", payload, retain=retain, user_properties=props)
         assert rc in (0, 16), rc
         return cid
 

@@ -173,7 +173,9 @@ def test_busy_while_another_executes(mqtt_worker, server):
 
 def test_all_documented_codes_are_reachable():
     reached = set(CRAFTED) | {"helper_unavailable", "helper_timeout", "helper_rejected", "execution_failed",
-                              "busy", "reboot_not_observed"}
+                              "busy", "reboot_not_observed",
+                              "signature_invalid",  # tests/mqtt/test_signed.py
+                              "internal_error"}  # tests/mqtt/test_intake.py
     assert reached == ERROR_CODES
 
 

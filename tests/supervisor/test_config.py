@@ -28,7 +28,7 @@ def test_env_file_and_environment_precedence(tmp_path):
     f = tmp_path / "x.env"
     f.write_text('export MQTT_BROKER="broker.example"\nMQTT_PORT=1884\n# comment\n\n')
     assert read_env_file(f) == {"MQTT_BROKER": "broker.example", "MQTT_PORT": "1884"}
-    c = load_config({"MQTT_PORT": "1999"}, env_file=str(f))
+    c = load_config({"MQTT_PORT": "1999", "INFOSCREEN_ENV": "development"}, env_file=str(f))
     assert c.mqtt_broker == "broker.example" and c.mqtt_port == 1999
     f.write_text("garbage line\n")
     with pytest.raises(ConfigError, match="line 1"):

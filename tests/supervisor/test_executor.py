@@ -36,7 +36,9 @@ def make(helper: Helper, timeout_s: float = 2.0) -> tuple[Loop, Executor, list]:
 
 
 def req(action: str = "reboot_host") -> messages.ExecRequest:
-    return messages.ExecRequest(command_id=str(uuid.uuid4()), action=action)
+    from tests.helper.helper_support import command_payload
+    cid = str(uuid.uuid4())
+    return messages.ExecRequest(command_id=cid, action=action, payload=command_payload(action, cid))
 
 
 def test_request_reaches_the_helper_and_the_outcome_comes_back(helper):

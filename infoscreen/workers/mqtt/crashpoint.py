@@ -3,7 +3,9 @@
 Active only when ``INFOSCREEN_TEST_CRASHPOINT`` names the step and the environment is not
 production (read once at import). Steps: ``after_commit`` (record committed, ExecRequest
 not yet sent), ``after_exec_request`` (sent, acks not yet published), ``before_puback``
-(an ack was published, its PUBACK arrives and the process dies before handling it).
+(an ack was published, its PUBACK arrives and the process dies before handling it);
+``handle_kill`` and ``handle_raise`` (die, or raise, while handling any MQTT message whose payload
+contains POISON_MARK: a poison message for the intake's tests).
 """
 
 from __future__ import annotations
@@ -17,3 +19,12 @@ _POINT = os.environ.get("INFOSCREEN_TEST_CRASHPOINT") if os.environ.get("INFOSCR
 def crash(point: str) -> None:
     if _POINT == point:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+POISON_MARK = b"crashpoint-poison"
+
+
+def poison(payload: bytes) -> None:
+    if _POINT in ("handle_kill", "handle_raise") and POISON_MARK in payload:
+        crash("handle_kill")
+        raise RuntimeError("test crashpoint handle_raise")

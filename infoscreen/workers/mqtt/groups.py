@@ -51,7 +51,7 @@ def parse_group(payload: bytes) -> tuple[bool, str | None]:
             val = msgspec.json.decode(text)
             if isinstance(val, (str, int)) and not isinstance(val, bool):
                 text = str(val).strip()
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             pass
     if text == "":
         return True, None
@@ -84,7 +84,7 @@ class Groups:
         if raw:
             try:
                 self.event_id = _event_id(msgspec.json.decode(raw))
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):
                 pass
         self.events_written = 0
 
@@ -142,8 +142,8 @@ class Groups:
             return None
         try:
             obj = msgspec.json.decode(payload)
-        except msgspec.DecodeError as exc:
-            log.warning("ignored %s that is not JSON: %s", what, str(exc)[:120])
+        except (msgspec.DecodeError, RecursionError) as exc:  # deep nesting: RecursionError
+            log.warning("ignored %s that is not JSON: %s: %s", what, type(exc).__name__, str(exc)[:120])
             return cls._INVALID
         if not isinstance(obj, dict):
             log.warning("ignored %s that is not a JSON object", what)

@@ -20,13 +20,14 @@ A restarted worker never sends ``ExecRequest`` again: it asks ``ExecQuery``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 from ...config import ClientConfig
 from ...ipc import messages
 from ...loop import Loop, Timer
-from ...wire import topics
+from ...wire import signing, topics
 from ...wire.schema import ERROR_CODES, Ack, AckStatus, Action, ErrorCode, encode_ack, format_utc
 from . import bootid
 from .crashpoint import crash
@@ -113,7 +114,7 @@ class Lifecycle:
         log.info("command %s (%s): %s%s", rec.command_id, rec.action, status, f" {code}: {message}" if code else "")
 
     # -- intake ----------------------------------------------------------------------------------
-    def on_command(self, payload: bytes, topic: str) -> None:
+    def on_command(self, payload: bytes, topic: str, signature: str | None = None) -> None:
         self.counts["received"] += 1
         res = validate(payload, self.uuid)
         if isinstance(res, Rejection) and res.command_id is None:
@@ -131,7 +132,18 @@ class Lifecycle:
             self._reject(res.command_id or "", None, res.error_code or ErrorCode.INVALID_PAYLOAD.value,
                          res.error_message)
             return
-        self._intake(res)
+        self._intake(res, payload, signature)
+
+    def give_up(self, payload: bytes, why: str) -> bool:
+        """A command whose handling kept failing (intake.py): answered failed/internal_error
+        unless it is already recorded. False when no command id can be read."""
+        res = validate(payload, self.uuid)
+        if res.command_id is None or res.key is None:
+            return False
+        if self.store.get(res.key) is None:
+            self._reject(res.command_id, getattr(res, "action", None), ErrorCode.INTERNAL_ERROR.value,
+                         f"given up: {why}")
+        return True
 
     def _duplicate(self, rec: Record) -> None:
         self.counts["duplicates"] += 1
@@ -165,7 +177,12 @@ class Lifecycle:
         self.outbox.add(rows, d)
         log.warning("rejected command %s: %s (%s)", command_id, code, message)
 
-    def _intake(self, cmd: Command) -> None:
+    def _intake(self, cmd: Command, payload: bytes, signature: str | None) -> None:
+        if not signing.well_formed(signature) and os.path.exists(self.cfg.command_key_file):
+            # Only the helper can tell a wrong signature; a missing one is refused here at once.
+            self._reject(cmd.command_id, cmd.action, ErrorCode.SIGNATURE_INVALID.value,
+                         "this device has a command key and the command has no valid signature")
+            return
         # The floor matters only to an unsynchronised clock: no store read or stat otherwise.
         floor = None if self.clock.synchronized() else self.wall_floor()
         code, message, deadline = judge(cmd.expires_at, cmd.issued_at, self.clock, self.boot_id, floor)
@@ -191,7 +208,8 @@ class Lifecycle:
         self.inflight[rec.key] = rec
         crash("after_commit")
         self.counts["exec_requests"] += 1
-        self.send(messages.ExecRequest(command_id=rec.command_id, action=rec.action or ""))
+        self.send(messages.ExecRequest(command_id=rec.command_id, action=rec.action or "", payload=payload,
+                                       signature=signature))
         crash("after_exec_request")
         self.outbox.add(rows, deadline)
         self._arm(rec, self.cfg.helper_timeout_s + 3.0)

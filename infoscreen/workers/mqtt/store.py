@@ -11,6 +11,8 @@ Tables:
 * ``outbox``: ack publications not yet acknowledged by the broker (one row per status and
   per ack topic), in commit order.
 * ``kv``: small JSON values (broker_connection state, group id, power evidence).
+* ``redeliveries``: how often the broker resent a message (by digest) whose handling may have
+  killed the worker, so that a poison message is given up after a bounded number of tries.
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ CREATE TABLE IF NOT EXISTS outbox(
 CREATE TABLE IF NOT EXISTS kv(
     k TEXT PRIMARY KEY,
     v TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS redeliveries(
+    digest     TEXT PRIMARY KEY,
+    tries      INTEGER NOT NULL,
+    first_wall REAL NOT NULL
 );
 """
 
@@ -234,6 +241,22 @@ class Store:
             if r is not None:
                 out[k] = Deadline(r[0], r[1], r[2], r[3])
         return out
+
+    # -- redeliveries ------------------------------------------------------------------
+    def note_redelivery(self, digest: str, wall: float) -> int:
+        """One more delivery of a message the broker resent; returns the deliveries noted."""
+        with self.txn() as db:
+            db.execute("INSERT INTO redeliveries(digest, tries, first_wall) VALUES (?,1,?)"
+                       " ON CONFLICT(digest) DO UPDATE SET tries = tries + 1", (digest, wall))
+            return db.execute("SELECT tries FROM redeliveries WHERE digest=?", (digest,)).fetchone()[0]
+
+    def forget_redelivery(self, digest: str) -> None:
+        with self.txn() as db:
+            db.execute("DELETE FROM redeliveries WHERE digest=?", (digest,))
+
+    def purge_redeliveries(self, before_wall: float) -> None:
+        with self.txn() as db:
+            db.execute("DELETE FROM redeliveries WHERE first_wall < ?", (before_wall,))
 
     # -- kv --------------------------------------------------------------------------
     def kv_get(self, k: str, default: Any = None) -> Any:

@@ -9,7 +9,8 @@ Order of checks (the first defect found decides the code):
 
 1. size (> 64 KiB), UTF-8, JSON, a JSON object -> no readable command_id: no ack
 2. ``command_id``: a string of 1..64 printable characters, else no ack; then a payload
-   over MAX_COMMAND_BYTES (4 KiB) or a command_id that is not a UUID -> ``invalid_payload``
+   over MAX_COMMAND_BYTES (4 KiB) or a command_id that is not a UUID in its 8-4-4-4-12 form
+   (wire/ids.py, the helper's rule too) -> ``invalid_payload``
 3. ``schema_version`` present: a string whose major is 1 (``"1"``, ``"1.0"``, ``"1.7"``),
    else ``unsupported_schema`` (a string of another major) or ``invalid_payload`` (not a
    string, or not a version)
@@ -17,16 +18,17 @@ Order of checks (the first defect found decides the code):
 5. field types (msgspec): ``action`` and ``expires_at`` required strings; ``issued_at``,
    ``reason``, ``requested_by`` optional strings (bounded) -> ``invalid_payload``
 6. ``action`` not reboot_host/shutdown_host -> ``unsupported_action``
-7. ``expires_at``/``issued_at`` not RFC 3339 with a zone -> ``invalid_payload``
+7. ``expires_at``/``issued_at`` not RFC 3339 with a zone, or ``issued_at`` after
+   ``expires_at`` (the payload's own timestamps disagree) -> ``invalid_payload``
 """
 
 from __future__ import annotations
 
-import uuid as uuidlib
 from typing import Annotated
 
 import msgspec
 
+from ...wire import ids
 from ...wire.schema import ACTIONS, MAX_COMMAND_BYTES, ErrorCode, parse_rfc3339
 
 MAX_ID_LEN = 64
@@ -113,12 +115,8 @@ def _validate(payload: bytes, our_uuid: str) -> Command | Rejection:
     if too_big:
         return fail(ErrorCode.INVALID_PAYLOAD, f"payload of {len(payload)} bytes exceeds {MAX_COMMAND_BYTES}")
 
-    try:
-        uuidlib.UUID(cid)
-        if len(cid) not in (32, 36):
-            raise ValueError
-    except ValueError:
-        return fail(ErrorCode.INVALID_PAYLOAD, f"command_id {_short(cid)} is not a UUID")
+    if not ids.is_uuid(cid):
+        return fail(ErrorCode.INVALID_PAYLOAD, f"command_id {_short(cid)} is not a UUID (8-4-4-4-12 hex digits)")
 
     if "schema_version" in obj and obj["schema_version"] is not None:
         sv = obj["schema_version"]
@@ -155,4 +153,7 @@ def _validate(payload: bytes, our_uuid: str) -> Command | Rejection:
             issued = parse_rfc3339(typed.issued_at)
         except (ValueError, OverflowError, OSError):
             return fail(ErrorCode.INVALID_PAYLOAD, f"issued_at {_short(typed.issued_at)} is not an RFC 3339 timestamp with a zone")
+        if issued > expires:
+            return fail(ErrorCode.INVALID_PAYLOAD, f"issued_at {_short(typed.issued_at)} is after expires_at "
+                        f"{_short(typed.expires_at)}")
     return Command(cid, typed.action, expires, issued, typed.reason, typed.requested_by)

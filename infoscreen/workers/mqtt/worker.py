@@ -4,6 +4,7 @@ the group hand-off and the publications to one loop and to the supervisor link."
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -16,9 +17,10 @@ from ...wire.schema import Heartbeat, utc_now_iso
 from ..runtime import Worker
 from . import bootid
 from .clock import Clock, SystemClock
-from .crashpoint import crash
-from .connection import Connection, Handlers
+from .crashpoint import crash, poison
+from .connection import Connection, Handlers, Incoming
 from .groups import Groups
+from .intake import Intake
 from .lifecycle import Lifecycle
 from .outbox import Outbox
 from .publisher import LogPublisher, encode
@@ -60,6 +62,7 @@ class MqttWorker(Worker):
             connected=self._connected, disconnected=self._disconnected,
             message=self._message, puback=self._puback))
         self.outbox.publish = lambda topic, payload: self.conn.publish(topic, payload)
+        self.intake = Intake(self.loop, self.store, self.clock, self._dispatch, self._give_up, self.conn)
         self.lifecycle = Lifecycle(self.cfg, self.loop, self.store, self.outbox, self.clock, self.boot_id,
                                    self.channel.send, lambda text: self.logs.log("info", text, "mqtt"))
         self.groups = Groups(self.uuid, self.cfg.state_dir, self.store, self.conn)
@@ -79,6 +82,7 @@ class MqttWorker(Worker):
 
         self.lifecycle.note_wall_time()
         self.lifecycle.startup()
+        self.intake.purge()
         for t in sorted(self.command_topics):
             self.conn.subscribe(t)
         self.groups.start()
@@ -124,15 +128,22 @@ class MqttWorker(Worker):
         self._save_broker()
 
     # -- MQTT input ---------------------------------------------------------------------------
-    def _message(self, topic: str, payload: bytes, retain: bool) -> None:
-        if topic in self.command_topics:
-            self.lifecycle.on_command(payload, topic)
-        elif topic == self.group_topic:
-            self.groups.on_group_id(payload)
-        elif self.groups.handles(topic):
-            self.groups.on_message(topic, payload)
+    def _message(self, m: Incoming) -> bool:
+        return self.intake.on_message(m)
+
+    def _dispatch(self, m: Incoming) -> None:
+        poison(m.payload)  # a test hook; nothing outside test and development
+        if m.topic in self.command_topics:
+            self.lifecycle.on_command(m.payload, m.topic, m.signature)
+        elif m.topic == self.group_topic:
+            self.groups.on_group_id(m.payload)
+        elif self.groups.handles(m.topic):
+            self.groups.on_message(m.topic, m.payload)
         else:
-            log.info("ignored a message on %s", topic)
+            log.info("ignored a message on %s", m.topic)
+
+    def _give_up(self, m: Incoming, why: str) -> bool:
+        return m.topic in self.command_topics and self.lifecycle.give_up(m.payload, why)
 
     def _puback(self, mid: int, rc: int, topic: str) -> None:
         if "/ack" in topic:
@@ -196,6 +207,7 @@ class MqttWorker(Worker):
             "last_power_command": self.lifecycle.last_power_command(),
             "group_id": self.groups.group,
             "pending_acks": len(self.outbox.rows),
+            "command_auth": "signed" if os.path.exists(self.cfg.command_key_file) else "unsigned",
             "probe_errors": list(report.probe_errors),
             "supervisor": self.tree,
         }
