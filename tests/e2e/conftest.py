@@ -13,6 +13,7 @@ Logs (console of every boot, the container's journal, the broker log, install ou
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ import pytest
 
 from tests.e2e.container import Container, ContainerUnavailable, RunRoot, ensure_root
 from tests.support.broker import MosquittoBroker
+from infoscreen.wire import signing
 from tests.support.mqtt import MqttProbe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,10 +88,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 class Device:
     """The session's container with the product installed, and its broker."""
 
-    def __init__(self, container: Container, broker: MosquittoBroker, uuid: str, log_dir: Path):
+    def __init__(self, container: Container, broker: MosquittoBroker, uuid: str, log_dir: Path,
+                 key: bytes = b""):
         self.c = container
         self.broker = broker
         self.uuid = uuid
+        self.key = key  # the device's command key: the server's copy
         self.log_dir = log_dir
         self.base_env = ""
         self.install_output = ""
@@ -152,6 +156,13 @@ class Device:
             self.broker.host, self.broker.port, username=self.broker.server_user, password=self.broker.server_password
         ).connect()
 
+    def publish_command(self, probe: MqttProbe, cmd: dict, *, topic: str = "commands", retain: bool = False,
+                        signed: bool = True) -> int:
+        """Publish a command as the server does: the exact bytes, signed with the device's key."""
+        payload = json.dumps(cmd).encode()
+        props = [(signing.SIGNATURE_PROPERTY, signing.sign(self.key, payload))] if signed else None
+        return probe.publish(self.topic(topic), payload, retain=retain, user_properties=props)
+
     def topic(self, leaf: str) -> str:
         return f"infoscreen/{self.uuid}/{leaf}"
 
@@ -168,7 +179,7 @@ def _build_wheels(dest: Path, log_dir: Path) -> None:
         )
 
 
-def _stage(root: Path, wheels: Path, env_text: str) -> None:
+def _stage(root: Path, wheels: Path, env_text: str, key: bytes) -> None:
     src = root / "root/infoscreen-src"
     (src / "scripts").mkdir(parents=True)
     shutil.copy2(ROOT / "scripts/install-device", src / "scripts/install-device")
@@ -179,6 +190,10 @@ def _stage(root: Path, wheels: Path, env_text: str) -> None:
     dev = root / "root/device.env"
     dev.write_text(env_text)
     dev.chmod(0o600)
+    # Beside the env file, as `broker provision` writes it: install-device takes it from there.
+    key_file = root / "root/device.command.key"
+    key_file.write_text(signing.key_text(key))
+    key_file.chmod(0o600)
 
 
 @pytest.fixture(scope="session")
@@ -206,14 +221,15 @@ def device(e2e_log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     broker.start()
     env = dict(broker.device_env(uuid))
     env.update(DEVICE_EXTRA_ENV)
+    key = signing.new_key()
     env_text = "".join(f"{k}={v}\n" for k, v in env.items())
 
     run_root = RunRoot(pristine)
     container = Container(run_root.path, "infoscreen-e2e", e2e_log_dir)
-    dev = Device(container, broker, uuid, e2e_log_dir)
+    dev = Device(container, broker, uuid, e2e_log_dir, key)
     dev.base_env = env_text
     try:
-        _stage(run_root.path, wheels, env_text)
+        _stage(run_root.path, wheels, env_text, key)
         container.boot()
         r = container.exec(
             [

@@ -9,6 +9,7 @@ timeout; the one fixed window proves an absence (no second execution of a redeli
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -18,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from tests.e2e.conftest import BOOT_ID_COPY, ENV_FILE, NOTIFY_UNIT, UNIT, Device
+from infoscreen.wire import signing
 from tests.e2e.container import EXIT_REBOOT
 from tests.support.mqtt import MqttProbe
 
@@ -212,6 +214,53 @@ def helper_requests(machine: Device, cid: str) -> int:
     return out.count(cid)
 
 
+# 600 connections as fast as they go, half of them sending nothing (each instance waits its read
+# deadline), the rest an unsigned request; the helper answers or systemd closes the excess.
+BURST = """
+import json, socket
+sent = refused = 0
+for i in range(600):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect("/run/infoscreen-helper/helper.sock")
+        if i % 2:
+            s.sendall(json.dumps({"v": 2, "action": "reboot_host", "command_id": "07aab032-53c2-45ef-a5a3-6aa58e9d9fae",
+                                  "payload": "e30=", "signature": None}).encode())
+        sent += 1
+    except OSError:
+        refused += 1
+    finally:
+        s.close()
+print(sent, refused)
+"""
+
+
+def test_unsigned_and_forged_commands_never_reach_the_power_button(machine: Device):
+    """The device has its key (installed by install-device from provision's layout): an unsigned
+    command is refused at once, a forged one by the helper; neither costs the breaker a reboot."""
+    machine.reset()
+    probe = machine.server_probe()
+    try:
+        probe.subscribe(machine.topic("commands/ack"))
+        probe.subscribe(machine.topic("command/ack"))
+        machine.c.wait_unit(UNIT, lambda p: "broker=connected" in p["StatusText"], 30, "broker=connected")
+        mode = machine.c.exec(["stat", "-c", "%a %U", "/etc/infoscreen/command.key"]).stdout.split()
+        assert mode == ["600", "root"]
+        unsigned = command(machine, "reboot_host")
+        assert machine.publish_command(probe, unsigned, signed=False) < 128
+        [m, _] = wait_ack(probe, machine, unsigned["command_id"], "failed", 20)
+        assert m.json()["error_code"] == "signature_invalid"
+        forged = command(machine, "shutdown_host")
+        payload = json.dumps(forged).encode()
+        wrong = [("signature", signing.sign(b"\x05" * 32, payload))]
+        assert probe.publish(machine.topic("commands"), payload, user_properties=wrong) < 128
+        [m, _] = wait_ack(probe, machine, forged["command_id"], "failed", 20)
+        assert m.json()["error_code"] == "signature_invalid"
+        assert machine.c.running
+    finally:
+        probe.close()
+
+
 def test_reboot_host_reboots_for_real_and_completes_after_the_reconnect(machine: Device):
     machine.reset()
     probe = machine.server_probe()
@@ -224,7 +273,12 @@ def test_reboot_host_reboots_for_real_and_completes_after_the_reconnect(machine:
         machine.c.wait_unit(UNIT, lambda p: "broker=connected" in p["StatusText"], 30, "broker=connected")
         boot1 = machine.c.boot_id()
         # Retained: the broker delivers it again when the client subscribes after the reboot.
-        assert probe.publish(machine.topic("commands"), cmd, retain=True) < 128
+        # A burst of connections on the helper's socket by a member of the client's group first:
+        # it must not switch the socket off (systemd's trigger limit) nor cost a reboot.
+        burst = machine.c.exec(["runuser", "-u", "infoscreen", "--", "python3", "-c", BURST], check=False, timeout=120)
+        assert burst.returncode == 0, burst.stdout + burst.stderr
+        assert machine.show("ActiveState", unit="infoscreen-helper.socket")["ActiveState"] == "active"
+        assert machine.publish_command(probe, cmd, retain=True) < 128
         for status in ("accepted", "execution_started"):
             for m in wait_ack(probe, machine, cid, status, 20):
                 assert set(m.json()) == {"command_id", "status", "error_code", "error_message"}
@@ -241,7 +295,7 @@ def test_reboot_host_reboots_for_real_and_completes_after_the_reconnect(machine:
         )
         assert health
         # Redelivered (retained on reconnect, and once more now, on the alias): not executed again.
-        assert probe.publish(machine.topic("command"), cmd) < 128
+        assert machine.publish_command(probe, cmd, topic="command") < 128
         again = probe.wait_for(machine.topic("commands/ack"), ack_of(cid, "completed"), timeout=20)
         assert again.received_at > done[0].received_at
         n = helper_requests(machine, cid)
@@ -282,7 +336,7 @@ def test_shutdown_host_completed_reaches_the_broker_before_poweroff(machine: Dev
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        assert probe.publish(machine.topic("commands"), cmd) < 128
+        assert machine.publish_command(probe, cmd) < 128
         wait_ack(probe, machine, cid, "accepted", 20)
         wait_ack(probe, machine, cid, "execution_started", 20)
         completed = wait_ack(probe, machine, cid, "completed", 30)
