@@ -50,6 +50,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from infoscreen.config import ConfigError, read_env_file
+from infoscreen.wire import topics as wire_topics
+from infoscreen.wire.ids import is_uuid
 
 ENV_VAR_DEFAULT = "INFOSCREENCTL_ENV"
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -543,10 +545,25 @@ def format_age(seconds: float | None) -> str:
 # ---- payloads from devices (untrusted) -----------------------------------------------------------
 
 MAX_DEPTH = 32  # the contract's payloads are at most 3 levels deep
+# How many devices a tool keeps state for, from the uuids in the topics it sees: far above a
+# fleet, and a bound on memory however many topics a broker (misconfigured ACL) lets through.
+MAX_DEVICES = 10_000
 
 
 class Unreadable(ValueError):
     """A device's payload that is not read; the message says why in a few words, never quoting it."""
+
+
+def device_of(topic: str, kind: str) -> str | None:
+    """The device uuid of ``infoscreen/<uuid>/<kind>`` (`kind` may have several levels), else
+    None. Everything a tool reports about a device is keyed on this uuid, the one the broker's
+    ACL ties to the publishing account, never on a uuid inside a payload."""
+    prefix = wire_topics.PREFIX + "/"
+    suffix = "/" + kind
+    if not (topic.startswith(prefix) and topic.endswith(suffix)):
+        return None
+    device = topic[len(prefix):len(topic) - len(suffix)]
+    return device if is_uuid(device) else None
 
 
 def _depth_within(obj: Any, limit: int) -> bool:
