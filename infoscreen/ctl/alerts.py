@@ -63,7 +63,8 @@ ALL_ALERTS = f"{topics.PREFIX}/+/service_failed"
 # The alert is ~150 bytes; a payload far larger is not one and is not parsed.
 MAX_ALERT_BYTES = 16 * 1024
 
-_Unit = Annotated[str, msgspec.Meta(max_length=256)]  # systemd's limit on a unit name
+# A systemd unit name: at most 256 characters of this set (other bytes are \x-escaped by systemd).
+_Unit = Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9:_.\\@-]{1,256}\Z")]  # \Z: no trailing newline
 _Short = Annotated[str, msgspec.Meta(max_length=64)]
 
 

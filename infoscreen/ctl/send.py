@@ -260,6 +260,79 @@ def read_ack(payload: bytes) -> Ack:
         raise Unreadable("not JSON") from None
 
 
+class AckTracker:
+    """The acks of one command, judged message by message. Pure state: no I/O (fuzzed directly).
+
+    Only a message on one of `device`'s own ack topics, readable as a v1 ack, with a known status
+    and this `command_id` counts: the uuid in the topic is the one the broker's ACL vouches for,
+    whatever the payload says. What is kept is bounded (one record per known status), whatever
+    the device sends; `feed` returns the lines to print (device text escaped and bounded; a few
+    warnings, then only counts)."""
+
+    def __init__(self, device: str, command_id: str, t0: float) -> None:
+        self.ack_topics = frozenset(topics.ack_topics(device))
+        self.ours = command_key(command_id)
+        self.t0 = t0
+        self.seen: dict[str, AckSeen] = {}
+        self.topics_of: dict[str, set[str]] = {}
+        self.order: list[AckSeen] = []
+        self.duplicates = self.repeats = self.ignored = self.warnings = 0
+        self.terminal: AckSeen | None = None
+
+    def _stamp(self, at: float) -> str:
+        return f"  {format_elapsed(at - self.t0):>10}  "
+
+    def _warn(self, at: float, text: str) -> list[str]:
+        self.warnings += 1
+        out = []
+        if self.warnings <= MAX_WARNINGS:
+            out.append(self._stamp(at) + text)
+        if self.warnings == MAX_WARNINGS:
+            out.append(self._stamp(at) + "(further such lines are not printed; they are counted at the end)")
+        return out
+
+    def feed(self, topic: str, payload: bytes, at: float) -> list[str]:
+        """Judge one received message; returns the lines to print. Never raises."""
+        if topic not in self.ack_topics:
+            return []  # not this device's ack topics: whatever it says, it is not about this command
+        try:
+            ack = read_ack(payload)
+        except Unreadable as exc:
+            self.ignored += 1
+            return self._warn(at, f"warning: an ack on {_short_topic(topic)} is not schema v1 ({exc}); ignored")
+        if command_key(ack.command_id) != self.ours:
+            return []  # another command's ack (another operator, an earlier send)
+        st = ack.status
+        if st not in KNOWN_STATUSES:
+            self.ignored += 1
+            return self._warn(at, f"warning: an ack on {_short_topic(topic)} has an unknown status "
+                                  f"{printable(st, 40)!r}; ignored")
+        if self.terminal is not None:
+            return []  # decided: nothing later changes the outcome
+        if st in self.seen:
+            if topic in self.topics_of[st]:
+                self.repeats += 1
+                if self.repeats <= MAX_WARNINGS:
+                    return [self._stamp(at) + f"{st} again on {_short_topic(topic)} "
+                            "(the device repeats the latest status when it sees the command again)"]
+            else:
+                self.duplicates += 1
+                self.topics_of[st].add(topic)
+            return []
+        err_code = None if ack.error_code is None else printable(ack.error_code, 64)
+        message = None if ack.error_message is None else printable(ack.error_message, 300)
+        rec = AckSeen(st, err_code, message, topic, at - self.t0)
+        self.seen[st] = rec
+        self.topics_of[st] = {topic}
+        self.order.append(rec)
+        detail = ""
+        if st == AckStatus.FAILED.value:
+            detail = f"  {err_code or '?'}: {message or ''}".rstrip(": ")
+        if st in TERMINAL_STATUSES:
+            self.terminal = rec
+        return [f"  {format_elapsed(rec.elapsed):>10}  {st}{detail}"]
+
+
 def follow_command(
     session: Session,
     device: str,
@@ -277,11 +350,8 @@ def follow_command(
     """Publish `payload` on the device's command topic with an already-connected `session` and
     follow the acks of `command_id`. The caller subscribed to both ack topics before (see
     `open_for_device`). `signature`: the `signature` user property of the PUBLISH (and of a
-    re-send), None to send unsigned. Prints with `emit`; returns the outcome.
-
-    Only a message on one of `device`'s own ack topics, readable as a v1 ack, with a known status
-    and this `command_id` counts: the uuid in the topic is the one the broker's ACL vouches for.
-    What is kept is bounded (one record per known status), whatever the device sends."""
+    re-send), None to send unsigned. Prints with `emit`; returns the outcome. The acks are judged
+    by an `AckTracker`."""
     topic = topic or topics.commands(device)
     props = [(signing.SIGNATURE_PROPERTY, signature)] if signature is not None else None
     t0 = time.monotonic()
@@ -298,25 +368,9 @@ def follow_command(
         deadline = expires_mono if timeout is None else min(expires_mono, t0 + timeout)
     else:
         deadline = t0 + (DEFAULT_FOLLOW_S if timeout is None else timeout)
-    ack_topics = set(topics.ack_topics(device))
-    ours = command_key(command_id)
-    seen: dict[str, AckSeen] = {}
-    topics_of: dict[str, set[str]] = {}
-    order: list[AckSeen] = []
-    duplicates = repeats = ignored = warnings = 0
-    terminal: AckSeen | None = None
+    tracker = AckTracker(device, command_id, t0)
 
-    def warn(at: float, text: str) -> None:
-        # A device may send junk without end: a few lines, then only a count.
-        nonlocal warnings
-        warnings += 1
-        if warnings <= MAX_WARNINGS:
-            emit(f"  {format_elapsed(at - t0):>10}  {text}")
-        if warnings == MAX_WARNINGS:
-            emit(f"  {format_elapsed(at - t0):>10}  (further such lines are not printed; they are counted "
-                 "at the end)")
-
-    while terminal is None:
+    while tracker.terminal is None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
@@ -343,45 +397,11 @@ def follow_command(
                      "reconnecting")
             continue
         assert isinstance(item, Received)
-        if item.topic not in ack_topics:
-            continue  # not this device's ack topics: whatever it says, it is not about this command
-        try:
-            ack = read_ack(item.payload)
-        except Unreadable as exc:
-            ignored += 1
-            warn(item.at, f"warning: an ack on {_short_topic(item.topic)} is not schema v1 ({exc}); ignored")
-            continue
-        if command_key(ack.command_id) != ours:
-            continue  # another command's ack (another operator, an earlier send)
-        st = ack.status
-        if st not in KNOWN_STATUSES:
-            ignored += 1
-            warn(item.at, f"warning: an ack on {_short_topic(item.topic)} has an unknown status "
-                          f"{printable(st, 40)!r}; ignored")
-            continue
-        if st in seen:
-            if item.topic in topics_of[st]:
-                repeats += 1
-                if repeats <= MAX_WARNINGS:
-                    emit(f"  {format_elapsed(item.at - t0):>10}  {st} again on {_short_topic(item.topic)} "
-                         "(the device repeats the latest status when it sees the command again)")
-            else:
-                duplicates += 1
-                topics_of[st].add(item.topic)
-            continue
-        err_code = None if ack.error_code is None else printable(ack.error_code, 64)
-        message = None if ack.error_message is None else printable(ack.error_message, 300)
-        rec = AckSeen(st, err_code, message, item.topic, item.at - t0)
-        seen[st] = rec
-        topics_of[st] = {item.topic}
-        order.append(rec)
-        detail = ""
-        if st == AckStatus.FAILED.value:
-            detail = f"  {err_code or '?'}: {message or ''}".rstrip(": ")
-        emit(f"  {format_elapsed(rec.elapsed):>10}  {st}{detail}")
-        if st in TERMINAL_STATUSES:
-            terminal = rec
+        for line in tracker.feed(item.topic, item.payload, item.at):
+            emit(line)
 
+    order, terminal = tracker.order, tracker.terminal
+    duplicates, repeats, ignored = tracker.duplicates, tracker.repeats, tracker.ignored
     last = order[-1].status if order else "none"
     now = time.monotonic()
     if terminal is not None and terminal.status == AckStatus.COMPLETED.value:

@@ -624,5 +624,5 @@ def printable(text: str, max_len: int = 200) -> str:
     if not head.isprintable():
         head = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in head)
     if cut or len(head) > max_len:
-        return head[: max(0, max_len - 3)] + "..."
+        return head[: max_len - 3] + "..." if max_len >= 3 else head[:max_len]
     return head
