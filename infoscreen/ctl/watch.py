@@ -319,14 +319,21 @@ def render_table(fleet: Fleet, now: float, *, connected: bool, since: float | No
     return "\n".join(lines)
 
 
+def _word(v: Any) -> str:
+    # A device's text in a key=value line: no space, so it cannot fake further fields.
+    return _cell(v).replace(" ", "_")
+
+
 def plain_line(event: str, row: DeviceRow, now: float) -> str:
     age = row.heartbeat_age(now)
     parts = [datetime.now(timezone.utc).strftime("%H:%M:%S"), event, row.device,
              f"heartbeat_age={format_age(age).replace(' ', '')}",
-             f"display={_cell(row.display)}", f"broker_reachable={_cell(row.broker_reachable)}",
-             f"reconnects={_cell(row.reconnect_count)}", f"last_disconnect={_cell(row.last_disconnect_at)}"]
+             f"display={_word(row.display)}", f"broker_reachable={_cell(row.broker_reachable)}",
+             f"reconnects={_cell(row.reconnect_count)}", f"last_disconnect={_word(row.last_disconnect_at)}"]
     if row.alert:
-        parts.append(f"service_failed={(row.alert.unit or '?').replace(' ', '_')}@{row.alert.failed_at or '?'}")
+        parts.append(f"service_failed={_word(row.alert.unit or '?')}@{_word(row.alert.failed_at or '?')}")
+        if row.alert.problem:
+            parts.append(f"alert_problem={_word(row.alert.problem)}")
     return " ".join(parts)
 
 
@@ -387,7 +394,7 @@ class Watcher:
         elif self.mode == "plain":
             if row is not None:
                 line = plain_line(event, row, now)
-                self._write(line if problem is None else f"{line} problem={problem.replace(' ', '_')}")
+                self._write(line if problem is None else f"{line} problem={_word(problem)}")
             else:
                 self._write(f"{datetime.now(timezone.utc).strftime('%H:%M:%S')} {event}"
                             + (f" {extra.get('message', '')}" if extra else ""))
