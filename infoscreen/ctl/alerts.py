@@ -4,7 +4,8 @@ When systemd gives up restarting the client on a device, the device's OnFailure 
 retained message on ``infoscreen/{uuid}/service_failed``. Listing subscribes to
 ``infoscreen/+/service_failed`` and collects what the broker delivers. Clearing is an empty
 retained publish at QoS 1 (the broker then deletes the retained message); the server account may
-write this topic for that purpose (CONTRACT.md's one deliberate change to the seed's ACL table).
+write this topic for that purpose (the one deliberate change to the ACL table, explained in
+docs/server-integration.md).
 
 Why listing waits a short "settle" time: MQTT has no "end of retained messages" marker. The
 broker sends the retained messages after the SUBACK, at its own pace (QoS 1 ones within the
@@ -81,7 +82,7 @@ class AlertView(msgspec.Struct, frozen=True):
     problem: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """The fields that are set, in the seed's order (`problem` last, only when there is one)."""
+        """The fields that are set, in the contract's order (`problem` last, only when there is one)."""
         out = {"event": self.event, "unit": self.unit, "client_uuid": self.client_uuid,
                "failed_at": self.failed_at, "problem": self.problem}
         return {k: v for k, v in out.items() if v is not None}

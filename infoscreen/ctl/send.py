@@ -1,7 +1,7 @@
 """`infoscreenctl send reboot|shutdown --device UUID`: publish a power command and follow its acks.
 
-The command is CONTRACT.md's (schema 1.0, a new UUID `command_id`, `issued_at`, `expires_at`,
-`client_uuid`), published with the server account on ``infoscreen/{uuid}/commands`` at QoS 1, not
+The command is the one of docs/server-integration.md (schema 1.0, a new UUID `command_id`,
+`issued_at`, `expires_at`, `client_uuid`), published with the server account on ``infoscreen/{uuid}/commands`` at QoS 1, not
 retained. Both ack topics (``.../commands/ack`` and the alias ``.../command/ack``) are subscribed
 to BEFORE the command is published, so no status can be missed. Each status is printed when it
 first arrives, with the time since the publish; the copy of the same status on the other topic is
@@ -170,7 +170,7 @@ def build_command(device: str, action: str, expires_in_s: float, *, reason: str 
 
 
 def encode_command(cmd: CommandOut) -> bytes:
-    """The command's JSON, keys in CONTRACT.md's order, optional fields left None omitted."""
+    """The command's JSON, keys in the contract's order, optional fields left None omitted."""
     return schema_encode(cmd)
 
 

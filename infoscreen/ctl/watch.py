@@ -9,9 +9,11 @@ Output:
 - on a terminal, a table redrawn in place (ANSI) on every update and every second;
 - otherwise (a pipe, a file), one plain line per update;
 - with ``--json``, one JSON object per update (``event``, ``device``, ``topic``, ``received_at``,
-  ``retained``, ``payload``, ``row``), plus ``silent``/``fleet_silent`` and ``broker_*`` events.
+  ``retained``, ``payload``, ``row``, and ``problem`` when the payload is not what the contract
+  says), plus ``silent``/``fleet_silent``, ``broker_*``, ``messages_dropped`` (messages arrived
+  faster than they could be handled) and ``device_limit`` events.
 
-The seed's alerting heuristic is applied: a device whose last heartbeat is older than
+The contract's alerting heuristic is applied: a device whose last heartbeat is older than
 ``--stale-after`` (default 90 s, three heartbeat periods) is marked silent; when every known
 device is silent at once, the likely cause is the broker or the network, not the devices.
 

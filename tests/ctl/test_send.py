@@ -47,7 +47,7 @@ def test_send_wait_completed_prints_lifecycle_with_timings(ctl, device, device_u
     msg = device.wait_for(topics.commands(device_uuid), timeout=10)
     cmd = msg.json()
     assert msg.qos == 1 and not msg.retain
-    # CONTRACT.md's command
+    # the contract's command
     uuidlib.UUID(cmd["command_id"])
     assert cmd["action"] == "reboot_host"
     assert cmd["schema_version"] == "1.0"
