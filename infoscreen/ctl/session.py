@@ -343,7 +343,15 @@ class Session:
             self.inbox.put(ConnectionEvent(False, str(reason_code), False, time.monotonic()))
 
     def _on_message(self, client, userdata, msg) -> None:
-        size = len(msg.payload)
+        # paho re-raises what a callback raises, ending its network thread: never raise here.
+        try:
+            topic = msg.topic  # decoded as UTF-8 (a broker enforces it; a bad one is dropped)
+            payload = bytes(msg.payload)
+        except Exception:  # noqa: BLE001
+            with self._inbox_lock:
+                self.dropped += 1
+            return
+        size = len(payload)
         with self._inbox_lock:
             if (self._inbox_messages >= MAX_INBOX_MESSAGES
                     or self._inbox_bytes + size > MAX_INBOX_BYTES):
@@ -353,7 +361,7 @@ class Session:
                 return
             self._inbox_messages += 1
             self._inbox_bytes += size
-        self.inbox.put(Received(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos, time.monotonic()))
+        self.inbox.put(Received(topic, payload, bool(msg.retain), msg.qos, time.monotonic()))
 
     def _on_subscribe(self, client, userdata, mid, reason_code_list, properties) -> None:
         with self._cond:
