@@ -193,10 +193,12 @@ def print_table(alerts: dict[str, AlertView]) -> None:
     print(f"{len(alerts)} alert(s); clear one with: infoscreenctl alerts clear UUID", flush=True)
 
 
-def _warn_dropped(session: Session) -> None:
+def _warn_incomplete(session: Session, alerts: dict[str, AlertView]) -> None:
     if session.dropped:
         print(f"infoscreenctl alerts: warning: {session.dropped} message(s) dropped (they arrived faster "
               "than they could be read): the listing may be incomplete", file=sys.stderr)
+    if len(alerts) >= MAX_DEVICES:
+        print(f"infoscreenctl alerts: warning: the listing stops at {MAX_DEVICES} devices", file=sys.stderr)
 
 
 def clear_alert(session: Session, device: str) -> int:
@@ -243,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.op == "list":
             alerts = collect_alerts(session, settle=args.settle, max_wait=args.max_wait)
-            _warn_dropped(session)
+            _warn_incomplete(session, alerts)
             if args.json:
                 # "device" is the topic's uuid; as_dict has no key that could replace it.
                 out = [{"device": d, **a.as_dict()} for d, a in sorted(alerts.items())]

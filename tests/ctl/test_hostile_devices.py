@@ -305,3 +305,17 @@ def test_the_inbox_is_bounded_and_drops_are_counted(broker, honest, device_uuid,
         assert s.dropped == 15
     finally:
         s.close()
+
+
+def test_alerts_keeps_at_most_max_devices(broker, honest, hostile, device_uuid, other_device_uuid, monkeypatch):
+    from infoscreen.ctl import alerts as alerts_mod
+
+    monkeypatch.setattr(alerts_mod, "MAX_DEVICES", 1)
+    for probe, uuid in ((honest, device_uuid), (hostile, other_device_uuid)):
+        assert accepted(probe.publish(topics.service_failed(uuid), alert(uuid), retain=True))
+    s = _server_session(broker)
+    try:
+        found = alerts_mod.collect_alerts(s, settle=0.3)
+    finally:
+        s.close()
+    assert len(found) == 1 and set(found) <= {device_uuid, other_device_uuid}
