@@ -4,14 +4,23 @@ When systemd gives up restarting the client on a device, the device's OnFailure 
 retained message on ``infoscreen/{uuid}/service_failed``. Listing subscribes to
 ``infoscreen/+/service_failed`` and collects what the broker delivers. Clearing is an empty
 retained publish at QoS 1 (the broker then deletes the retained message); the server account may
-write this topic for that purpose (CONTRACT.md's one deliberate change to the seed's ACL table).
+write this topic for that purpose (the one deliberate change to the ACL table, explained in
+docs/server-integration.md).
 
 Why listing waits a short "settle" time: MQTT has no "end of retained messages" marker. The
 broker sends the retained messages after the SUBACK, at its own pace (QoS 1 ones within the
 client's in-flight window, so a large fleet arrives in several rounds), and nothing tells the
 subscriber that the last one has been sent. A lister can therefore only stop once no message has
 arrived for a quiet period (``--settle``, default 0.5 s, far above the sub-millisecond spacing on
-a LAN; raise it over a slow link), with an overall cap (``--max-wait``).
+a LAN; raise it over a slow link), with an overall cap (``--max-wait``). Only retained deliveries
+count for that quiet period, so a device publishing on its topic without end cannot hold the
+listing open.
+
+A device account writes its own alert topic, and a compromised device may write anything there.
+Each alert is read as untrusted input (`parse_alert`: a size cap before parsing, typed bounded
+fields, printable text) and reported under the uuid of its topic: an alert whose `client_uuid`
+names another device is shown with a problem, never as that device's. A payload that is not an
+alert is still listed (the device did write something there), with what is wrong with it.
 """
 
 from __future__ import annotations
@@ -21,20 +30,29 @@ import json
 import sys
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from infoscreen.ctl.session import (
+    MAX_DEVICES,
     ConnectionEvent,
     Received,
     Session,
     SessionError,
+    Unreadable,
     add_connection_args,
     check_device_uuid,
+    device_of,
+    field,
     format_age,
+    printable,
     rc_text,
+    read_json,
     settings_from_args,
 )
 from infoscreen.wire import topics
+from infoscreen.wire.ids import command_key
 from infoscreen.wire.schema import parse_rfc3339
 
 EXIT_OK = 0
@@ -43,24 +61,89 @@ EXIT_ERROR = 2
 DEFAULT_SETTLE_S = 0.5
 DEFAULT_MAX_WAIT_S = 10.0
 ALL_ALERTS = f"{topics.PREFIX}/+/service_failed"
+# The alert is ~150 bytes; a payload far larger is not one and is not parsed.
+MAX_ALERT_BYTES = 16 * 1024
+
+# A systemd unit name: at most 256 characters of this set (other bytes are \x-escaped by systemd).
+_Unit = Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9:_.\\@-]{1,256}\Z")]  # \Z: no trailing newline
+_Short = Annotated[str, msgspec.Meta(max_length=64)]
 
 
-def parse_alert(payload: bytes) -> dict[str, Any]:
-    """The alert's fields, tolerant of a malformed payload (shown raw)."""
+class AlertView(msgspec.Struct, frozen=True):
+    """What the tools report of one device's service_failed alert (the device is the one in the
+    topic). Every text is printable and bounded; a field that is missing, of the wrong type or
+    too long is None and named in `problem`. `client_uuid` is kept only when it is the topic's
+    device: an alert never names another device."""
+
+    unit: str | None = None
+    failed_at: str | None = None
+    event: str | None = None
+    client_uuid: str | None = None
+    problem: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields that are set, in the contract's order (`problem` last, only when there is one)."""
+        out = {"event": self.event, "unit": self.unit, "client_uuid": self.client_uuid,
+               "failed_at": self.failed_at, "problem": self.problem}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def read_alert(device: str, payload: bytes) -> tuple[AlertView, Any]:
+    """(the alert of `device` (from the topic) in `payload`, the payload's JSON value or None),
+    whatever the payload is: never raises."""
     try:
-        obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return {"raw": payload[:200].decode("utf-8", "replace")}
-    return obj if isinstance(obj, dict) else {"raw": payload[:200].decode("utf-8", "replace")}
+        obj = read_json(payload, MAX_ALERT_BYTES)
+    except Unreadable as exc:
+        return AlertView(problem=f"unreadable alert: {exc}"), None
+    if not isinstance(obj, dict):
+        return AlertView(problem="unreadable alert: not a JSON object"), obj
+    problems = []
+    unit = field(obj, "unit", _Unit)
+    if unit is None:
+        problems.append("no unit")
+    failed_at = field(obj, "failed_at", _Short)
+    if failed_at is not None:
+        try:
+            parse_rfc3339(failed_at)
+        except ValueError:
+            failed_at = None
+    if failed_at is None:
+        problems.append("no RFC 3339 failed_at")
+    event = field(obj, "event", _Short)
+    if "event" in obj and event != "service_failed":
+        problems.append("event is not service_failed")
+        event = None
+    claimed = obj.get("client_uuid")
+    client_uuid = None
+    if claimed is not None:
+        if isinstance(claimed, str) and len(claimed) <= 64 and command_key(claimed) == command_key(device):
+            client_uuid = claimed
+        else:
+            problems.append("client_uuid is not this device's")  # never quoted: it may name another device
+    view = AlertView(
+        unit=None if unit is None else printable(unit, 256),
+        failed_at=None if failed_at is None else printable(failed_at, 64),
+        event=event,
+        client_uuid=client_uuid,
+        problem="; ".join(problems) or None,
+    )
+    return view, obj
+
+
+def parse_alert(device: str, payload: bytes) -> AlertView:
+    """The alert of `device` in `payload` (see `read_alert`); never raises."""
+    return read_alert(device, payload)[0]
 
 
 def collect_alerts(session: Session, topic_filter: str = ALL_ALERTS, *, settle: float = DEFAULT_SETTLE_S,
-                   max_wait: float = DEFAULT_MAX_WAIT_S) -> dict[str, dict[str, Any]]:
-    """Subscribe to `topic_filter` and return {device: alert} once no message came for `settle` s
-    (see the module's docstring for why a bound is inherent). An empty payload arriving live (an
-    alert cleared meanwhile) removes the device."""
+                   max_wait: float = DEFAULT_MAX_WAIT_S) -> dict[str, AlertView]:
+    """Subscribe to `topic_filter` and return {device: alert} once no retained message came for
+    `settle` s (see the module's docstring for why a bound is inherent). Only retained deliveries
+    extend the wait: a device publishing without end cannot hold the listing open. A message
+    arriving live updates the result (an empty one: the alert was cleared meanwhile). At most
+    MAX_DEVICES devices are kept."""
     session.subscribe([topic_filter], qos=1)
-    alerts: dict[str, dict[str, Any]] = {}
+    alerts: dict[str, AlertView] = {}
     start = time.monotonic()
     last = start
     while True:
@@ -72,16 +155,17 @@ def collect_alerts(session: Session, topic_filter: str = ALL_ALERTS, *, settle: 
         if item is None or isinstance(item, ConnectionEvent):
             continue
         assert isinstance(item, Received)
-        last = item.at
-        device = topics.device_of(item.topic)
-        if device is None or not item.topic.endswith("/service_failed"):
+        if item.retain:
+            last = item.at
+        device = device_of(item.topic, "service_failed")
+        if device is None:
             continue
         if not item.payload:
             alerts.pop(device, None)
             continue
-        alert = parse_alert(item.payload)
-        alert["_retained"] = item.retain
-        alerts[device] = alert
+        if device not in alerts and len(alerts) >= MAX_DEVICES:
+            continue
+        alerts[device] = parse_alert(device, item.payload)
     return alerts
 
 
@@ -92,19 +176,29 @@ def _age(failed_at: Any) -> str:
         return "-"
 
 
-def print_table(alerts: dict[str, dict[str, Any]]) -> None:
+def print_table(alerts: dict[str, AlertView]) -> None:
     if not alerts:
         print("no service_failed alerts", flush=True)
         return
     rows = [("DEVICE", "UNIT", "FAILED AT", "AGE")]
     for device in sorted(alerts):
         a = alerts[device]
-        unit = str(a.get("unit", a.get("raw", "?")))
-        rows.append((device, unit, str(a.get("failed_at", "-")), _age(a.get("failed_at"))))
+        unit = a.unit or "?"
+        if a.problem:
+            unit += f" ({a.problem})"
+        rows.append((device, unit, a.failed_at or "-", _age(a.failed_at)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), flush=True)
     print(f"{len(alerts)} alert(s); clear one with: infoscreenctl alerts clear UUID", flush=True)
+
+
+def _warn_incomplete(session: Session, alerts: dict[str, AlertView]) -> None:
+    if session.dropped:
+        print(f"infoscreenctl alerts: warning: {session.dropped} message(s) dropped (they arrived faster "
+              "than they could be read): the listing may be incomplete", file=sys.stderr)
+    if len(alerts) >= MAX_DEVICES:
+        print(f"infoscreenctl alerts: warning: the listing stops at {MAX_DEVICES} devices", file=sys.stderr)
 
 
 def clear_alert(session: Session, device: str) -> int:
@@ -151,8 +245,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.op == "list":
             alerts = collect_alerts(session, settle=args.settle, max_wait=args.max_wait)
+            _warn_incomplete(session, alerts)
             if args.json:
-                out = [{"device": d, **{k: v for k, v in a.items() if k != "_retained"}} for d, a in sorted(alerts.items())]
+                # "device" is the topic's uuid; as_dict has no key that could replace it.
+                out = [{"device": d, **a.as_dict()} for d, a in sorted(alerts.items())]
                 print(json.dumps(out), flush=True)
             else:
                 print_table(alerts)

@@ -1,12 +1,15 @@
 """`infoscreenctl`: the operator's and the server side's tool for the infoscreen fleet.
 
     infoscreenctl send reboot|shutdown --device UUID [--expires-in 10m] [--wait] [--timeout D]
+                       [--keys DIR] [--unsigned]
     infoscreenctl watch [--json] [--device UUID] [--once|--count N|--duration S]
     infoscreenctl alerts [--json]            infoscreenctl alerts clear UUID [UUID...]
     infoscreenctl broker provision --devices FILE --out DIR [--listen ADDR] [--port N]
 
 Every command that talks to the broker logs in with the server account, normally from the
 ``server.env`` that ``broker provision`` writes: ``--env server.env`` (or ``$INFOSCREENCTL_ENV``).
+`send` signs a power command with the device's command key, found in the directory
+``INFOSCREEN_COMMAND_KEYS`` of that file (or ``--keys DIR``).
 """
 
 from __future__ import annotations

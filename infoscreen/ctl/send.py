@@ -1,17 +1,31 @@
 """`infoscreenctl send reboot|shutdown --device UUID`: publish a power command and follow its acks.
 
-The command is CONTRACT.md's (schema 1.0, a new UUID `command_id`, `issued_at`, `expires_at`,
-`client_uuid`), published with the server account on ``infoscreen/{uuid}/commands`` at QoS 1, not
+The command is the one of docs/server-integration.md (schema 1.0, a new UUID `command_id`,
+`issued_at`, `expires_at`, `client_uuid`), published with the server account on ``infoscreen/{uuid}/commands`` at QoS 1, not
 retained. Both ack topics (``.../commands/ack`` and the alias ``.../command/ack``) are subscribed
 to BEFORE the command is published, so no status can be missed. Each status is printed when it
 first arrives, with the time since the publish; the copy of the same status on the other topic is
 counted, not printed again.
 
+Signing (the contract's signed power commands): when the device's command key
+``<DIR>/<uuid>.key`` exists, the PUBLISH carries the MQTT 5 user property ``signature`` =
+``hmac-sha256=<hex>`` over the payload bytes exactly as published (also on a re-send). DIR is
+``--keys DIR``, else ``$INFOSCREEN_COMMAND_KEYS``, else ``INFOSCREEN_COMMAND_KEYS`` of the env
+file (``broker provision`` writes it into server.env). Without a key file for the device the
+command is sent unsigned, said in one line on stderr (a device that has a key refuses it with
+`signature_invalid`); ``--unsigned`` does so on purpose, to test that refusal. A key file that
+cannot be read or is not 64 lower-case hex characters, or a key directory that does not exist,
+is an error (exit 2): nothing is sent, and the key is never printed.
+
+The acks are read as untrusted input (the device may be compromised): a size cap before parsing,
+the strict v1 schema, only the four known statuses and this command's id on this device's ack
+topics count; anything else is ignored, the first few with a warning, the rest counted.
+
 Exit status (with ``--wait``): 0 `completed`, 1 `failed`, 3 `expires_at` passed without a terminal
 status, 4 ``--timeout`` reached first (the command is still valid), 2 the command could not be
-sent (bad option, connection refused, publish refused). Without ``--wait`` the acks are followed
-for ``--timeout`` seconds (default 10) or until a terminal status; the exit status is 1 if it
-was `failed`, else 0.
+sent (bad option, bad key file, connection refused, publish refused). Without ``--wait`` the acks
+are followed for ``--timeout`` seconds (default 10) or until a terminal status; the exit status is
+1 if it was `failed`, else 0.
 """
 
 from __future__ import annotations
@@ -20,8 +34,10 @@ import argparse
 import dataclasses
 import getpass
 import math
+import os
 import re
 import socket
+import stat
 import sys
 import time
 import uuid as uuidlib
@@ -36,16 +52,21 @@ from infoscreen.ctl.session import (
     Received,
     Session,
     SessionError,
+    Unreadable,
     add_connection_args,
     check_device_uuid,
+    env_from_args,
     format_elapsed,
+    printable,
     rc_text,
     settings_from_args,
 )
-from infoscreen.wire import topics
+from infoscreen.wire import signing, topics
+from infoscreen.wire.ids import command_key
 from infoscreen.wire.schema import (
     SCHEMA_VERSION,
     TERMINAL_STATUSES,
+    Ack,
     Action,
     AckStatus,
     CommandOut,
@@ -64,6 +85,11 @@ ACTIONS = {"reboot": Action.REBOOT.value, "shutdown": Action.SHUTDOWN.value}
 DEFAULT_EXPIRES_IN = "10m"
 DEFAULT_FOLLOW_S = 10.0
 MAX_EXPIRES_IN_S = 7 * 86400
+KEYS_VAR = "INFOSCREEN_COMMAND_KEYS"
+# An ack is four short fields (~150 bytes); anything far larger is not one and is not parsed.
+MAX_ACK_BYTES = 16 * 1024
+MAX_WARNINGS = 5  # lines about ignored acks or repeats; the rest are counted in the summary
+KNOWN_STATUSES = frozenset(s.value for s in AckStatus)
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
 _UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
@@ -114,6 +140,7 @@ class SendResult:
     repeats: int  # same status again on the same topic (the device answered a duplicate)
     puback: int
     final_line: str
+    ignored: int = 0  # unreadable acks, or acks with an unknown status, on this device's ack topics
 
     @property
     def status_names(self) -> list[str]:
@@ -143,7 +170,7 @@ def build_command(device: str, action: str, expires_in_s: float, *, reason: str 
 
 
 def encode_command(cmd: CommandOut) -> bytes:
-    """The command's JSON, keys in CONTRACT.md's order, optional fields left None omitted."""
+    """The command's JSON, keys in the contract's order, optional fields left None omitted."""
     return schema_encode(cmd)
 
 
@@ -159,6 +186,153 @@ def _emit_default(line: str) -> None:
     print(line, flush=True)
 
 
+class CommandKeyError(Exception):
+    """A key file that exists but cannot be used, in one line (never containing the key)."""
+
+
+def command_key_dir(args: argparse.Namespace, env: dict[str, str]) -> str | None:
+    """Where the server's copies of the command keys are: ``--keys``, else the environment's
+    INFOSCREEN_COMMAND_KEYS, else the env file's; None when none is set."""
+    for value in (getattr(args, "keys", None), os.environ.get(KEYS_VAR), env.get(KEYS_VAR)):
+        if value:
+            return value
+    return None
+
+
+def key_path(key_dir: str, device: str) -> str:
+    # `device` passed check_device_uuid: lower-case hex and hyphens only, no path separator.
+    return os.path.join(key_dir, f"{device}.key")
+
+
+def load_command_key(key_dir: str, device: str) -> bytes | None:
+    """The device's command key from `key_dir`, None when its file does not exist.
+
+    CommandKeyError when the directory does not exist (a typo must not silently turn into
+    unsigned commands), or the file is not a regular file, cannot be read, or is not the key
+    format. Opened non-blocking: a FIFO planted at the path cannot hang the tool."""
+    path = key_path(key_dir, device)
+    if not os.path.isdir(key_dir):
+        raise CommandKeyError(f"the command key directory {key_dir} does not exist (or is not a directory)")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CommandKeyError(f"command key {path}: cannot read it ({exc.strerror or exc.__class__.__name__})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CommandKeyError(f"command key {path}: not a regular file")
+        try:
+            data = os.read(fd, signing.KEY_FILE_MAX + 1)
+        except OSError as exc:
+            raise CommandKeyError(f"command key {path}: cannot read it ({exc.strerror or exc.__class__.__name__})") from None
+    finally:
+        os.close(fd)
+    try:
+        key = signing.parse_key(data)
+    except signing.BadKey:
+        raise CommandKeyError(f"command key {path} is malformed: it must be 64 lower-case hex characters "
+                              "(and an optional newline)") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        print(f"infoscreenctl send: warning: command key {path} is accessible to other users "
+              f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it", file=sys.stderr)
+    return key
+
+
+def read_ack(payload: bytes) -> Ack:
+    """The schema v1 ack in a device's `payload`, or Unreadable saying why (printable, short).
+
+    The size is checked first; msgspec's typed decoder refuses anything but the four keys with
+    their types (so a nested value is refused where it stands, never walked), and a
+    RecursionError or any other parser error is caught as well."""
+    if len(payload) > MAX_ACK_BYTES:
+        raise Unreadable(f"too large ({len(payload)} bytes; at most {MAX_ACK_BYTES} are read)")
+    try:
+        return decode_ack(payload)
+    except RecursionError:
+        raise Unreadable("nested too deep") from None
+    except msgspec.DecodeError:
+        raise Unreadable("not JSON") from None
+    except msgspec.ValidationError as exc:
+        raise Unreadable(printable(str(exc), 120)) from None
+    except Exception:  # noqa: BLE001 - whatever else a parser may raise on hostile bytes
+        raise Unreadable("not JSON") from None
+
+
+class AckTracker:
+    """The acks of one command, judged message by message. Pure state: no I/O (fuzzed directly).
+
+    Only a message on one of `device`'s own ack topics, readable as a v1 ack, with a known status
+    and this `command_id` counts: the uuid in the topic is the one the broker's ACL vouches for,
+    whatever the payload says. What is kept is bounded (one record per known status), whatever
+    the device sends; `feed` returns the lines to print (device text escaped and bounded; a few
+    warnings, then only counts)."""
+
+    def __init__(self, device: str, command_id: str, t0: float) -> None:
+        self.ack_topics = frozenset(topics.ack_topics(device))
+        self.ours = command_key(command_id)
+        self.t0 = t0
+        self.seen: dict[str, AckSeen] = {}
+        self.topics_of: dict[str, set[str]] = {}
+        self.order: list[AckSeen] = []
+        self.duplicates = self.repeats = self.ignored = self.warnings = 0
+        self.terminal: AckSeen | None = None
+
+    def _stamp(self, at: float) -> str:
+        return f"  {format_elapsed(at - self.t0):>10}  "
+
+    def _warn(self, at: float, text: str) -> list[str]:
+        self.warnings += 1
+        out = []
+        if self.warnings <= MAX_WARNINGS:
+            out.append(self._stamp(at) + text)
+        if self.warnings == MAX_WARNINGS:
+            out.append(self._stamp(at) + "(further such lines are not printed; they are counted at the end)")
+        return out
+
+    def feed(self, topic: str, payload: bytes, at: float) -> list[str]:
+        """Judge one received message; returns the lines to print. Never raises."""
+        if topic not in self.ack_topics:
+            return []  # not this device's ack topics: whatever it says, it is not about this command
+        try:
+            ack = read_ack(payload)
+        except Unreadable as exc:
+            self.ignored += 1
+            return self._warn(at, f"warning: an ack on {_short_topic(topic)} is not schema v1 ({exc}); ignored")
+        if command_key(ack.command_id) != self.ours:
+            return []  # another command's ack (another operator, an earlier send)
+        st = ack.status
+        if st not in KNOWN_STATUSES:
+            self.ignored += 1
+            return self._warn(at, f"warning: an ack on {_short_topic(topic)} has an unknown status "
+                                  f"{printable(st, 40)!r}; ignored")
+        if self.terminal is not None:
+            return []  # decided: nothing later changes the outcome
+        if st in self.seen:
+            if topic in self.topics_of[st]:
+                self.repeats += 1
+                if self.repeats <= MAX_WARNINGS:
+                    return [self._stamp(at) + f"{st} again on {_short_topic(topic)} "
+                            "(the device repeats the latest status when it sees the command again)"]
+            else:
+                self.duplicates += 1
+                self.topics_of[st].add(topic)
+            return []
+        err_code = None if ack.error_code is None else printable(ack.error_code, 64)
+        message = None if ack.error_message is None else printable(ack.error_message, 300)
+        rec = AckSeen(st, err_code, message, topic, at - self.t0)
+        self.seen[st] = rec
+        self.topics_of[st] = {topic}
+        self.order.append(rec)
+        detail = ""
+        if st == AckStatus.FAILED.value:
+            detail = f"  {err_code or '?'}: {message or ''}".rstrip(": ")
+        if st in TERMINAL_STATUSES:
+            self.terminal = rec
+        return [f"  {format_elapsed(rec.elapsed):>10}  {st}{detail}"]
+
+
 def follow_command(
     session: Session,
     device: str,
@@ -171,15 +345,20 @@ def follow_command(
     timeout: float | None,
     emit: Callable[[str], None] = _emit_default,
     topic: str | None = None,
+    signature: str | None = None,
 ) -> SendResult:
     """Publish `payload` on the device's command topic with an already-connected `session` and
     follow the acks of `command_id`. The caller subscribed to both ack topics before (see
-    `open_for_device`). Prints with `emit`; returns the outcome."""
+    `open_for_device`). `signature`: the `signature` user property of the PUBLISH (and of a
+    re-send), None to send unsigned. Prints with `emit`; returns the outcome. The acks are judged
+    by an `AckTracker`."""
     topic = topic or topics.commands(device)
+    props = [(signing.SIGNATURE_PROPERTY, signature)] if signature is not None else None
     t0 = time.monotonic()
     # Wall clock -> monotonic once, so a clock step while waiting changes nothing.
     expires_mono = t0 + (expires_at - time.time())
-    puback = session.publish(topic, payload, qos=1, retain=False, expiry_s=max(1.0, expires_at - time.time()))
+    puback = session.publish(topic, payload, qos=1, retain=False, expiry_s=max(1.0, expires_at - time.time()),
+                             user_properties=props)
     emit(f"  {format_elapsed(time.monotonic() - t0):>10}  published to {topic} (PUBACK: {rc_text(puback)})")
     if puback == RC_NO_MATCHING_SUBSCRIBERS:
         emit("  note: no session is subscribed to this device's commands: the device is not connected "
@@ -189,14 +368,9 @@ def follow_command(
         deadline = expires_mono if timeout is None else min(expires_mono, t0 + timeout)
     else:
         deadline = t0 + (DEFAULT_FOLLOW_S if timeout is None else timeout)
-    ack_topics = set(topics.ack_topics(device))
-    seen: dict[str, AckSeen] = {}
-    topics_of: dict[str, set[str]] = {}
-    order: list[AckSeen] = []
-    duplicates = repeats = 0
-    terminal: AckSeen | None = None
+    tracker = AckTracker(device, command_id, t0)
 
-    while terminal is None:
+    while tracker.terminal is None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
@@ -213,7 +387,7 @@ def follow_command(
                 emit(f"  {format_elapsed(item.at - t0):>10}  reconnected to the broker (session lost; resubscribed)")
                 try:
                     session.publish(topic, payload, qos=1, retain=False,
-                                    expiry_s=max(1.0, expires_at - time.time()))
+                                    expiry_s=max(1.0, expires_at - time.time()), user_properties=props)
                     emit(f"  {format_elapsed(time.monotonic() - t0):>10}  re-sent the same command (same command_id: "
                          "never executed twice) so the device repeats its latest status")
                 except SessionError as exc:
@@ -223,39 +397,11 @@ def follow_command(
                      "reconnecting")
             continue
         assert isinstance(item, Received)
-        if item.topic not in ack_topics:
-            continue
-        try:
-            ack = decode_ack(item.payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            emit(f"  {format_elapsed(item.at - t0):>10}  warning: an ack on {_short_topic(item.topic)} is not "
-                 f"schema v1 ({exc}); ignored")
-            continue
-        if ack.command_id != command_id:
-            continue  # another command's ack (another operator, an earlier send)
-        st = ack.status
-        if st in seen:
-            if item.topic in topics_of[st]:
-                repeats += 1
-                emit(f"  {format_elapsed(item.at - t0):>10}  {st} again on {_short_topic(item.topic)} "
-                     "(the device repeats the latest status when it sees the command again)")
-            else:
-                duplicates += 1
-                topics_of[st].add(item.topic)
-            continue
-        rec = AckSeen(st, ack.error_code, ack.error_message, item.topic, item.at - t0)
-        seen[st] = rec
-        topics_of[st] = {item.topic}
-        order.append(rec)
-        detail = ""
-        if st == AckStatus.FAILED.value:
-            detail = f"  {ack.error_code or '?'}: {ack.error_message or ''}".rstrip(": ")
-        elif st not in {s.value for s in AckStatus}:
-            detail = "  (unknown status)"
-        emit(f"  {format_elapsed(rec.elapsed):>10}  {st}{detail}")
-        if st in TERMINAL_STATUSES:
-            terminal = rec
+        for line in tracker.feed(item.topic, item.payload, item.at):
+            emit(line)
 
+    order, terminal = tracker.order, tracker.terminal
+    duplicates, repeats, ignored = tracker.duplicates, tracker.repeats, tracker.ignored
     last = order[-1].status if order else "none"
     now = time.monotonic()
     if terminal is not None and terminal.status == AckStatus.COMPLETED.value:
@@ -280,7 +426,13 @@ def follow_command(
     if duplicates:
         emit(f"note: {duplicates} duplicate ack(s) ignored: every status is published on both "
              "commands/ack and its alias command/ack")
-    return SendResult(command_id, action, code, outcome, order, duplicates, repeats, puback, line)
+    if ignored:
+        emit(f"note: {ignored} unreadable ack(s) or ack(s) with an unknown status ignored")
+    if repeats > MAX_WARNINGS:
+        emit(f"note: the device repeated a status {repeats} times")
+    if session.dropped:
+        emit(f"note: {session.dropped} message(s) dropped: they arrived faster than they could be read")
+    return SendResult(command_id, action, code, outcome, order, duplicates, repeats, puback, line, ignored)
 
 
 def open_for_device(session: Session, device: str) -> None:
@@ -307,21 +459,49 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--reason", metavar="TEXT", help="free text carried in the command's `reason`")
     p.add_argument("--requested-by", metavar="WHO", default=None,
                    help="carried in `requested_by` (default: user@host (infoscreenctl))")
+    p.add_argument("--keys", metavar="DIR", default=None,
+                   help=f"directory of the server's command keys, DIR/<uuid>.key (default: ${KEYS_VAR}, "
+                        f"else {KEYS_VAR} of the env file)")
+    p.add_argument("--unsigned", action="store_true",
+                   help="send without a signature even when the device has a key (to test its refusal)")
     add_connection_args(p)
     p.set_defaults(func=run)
     return p
+
+
+def _signing_key(args: argparse.Namespace, env: dict[str, str], device: str) -> bytes | None:
+    """The key to sign with, or None (unsigned, said in one stderr line); CommandKeyError."""
+    if args.unsigned:
+        print("infoscreenctl send: note: --unsigned: the command is sent without a signature "
+              "(a device that has a command key refuses it: signature_invalid)", file=sys.stderr)
+        return None
+    key_dir = command_key_dir(args, env)
+    if key_dir is None:
+        print(f"infoscreenctl send: note: no command key directory (--keys, {KEYS_VAR}): the command is "
+              "sent unsigned (a device that has a command key refuses it: signature_invalid)", file=sys.stderr)
+        return None
+    key = load_command_key(key_dir, device)
+    if key is None:
+        print(f"infoscreenctl send: note: no command key {key_path(key_dir, device)}: the command is sent "
+              "unsigned (a device that has a command key refuses it: signature_invalid)", file=sys.stderr)
+    return key
 
 
 def run(args: argparse.Namespace) -> int:
     action = ACTIONS[args.action]
     device = args.device
     try:
-        settings = settings_from_args(args)
-    except SessionError as exc:
+        env = env_from_args(args)
+        settings = settings_from_args(args, env)
+        key = _signing_key(args, env, device)
+    except (SessionError, CommandKeyError) as exc:
         print(f"infoscreenctl send: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     cmd, expires_at = build_command(device, action, args.expires_in, reason=args.reason,
                                     requested_by=args.requested_by or default_requested_by())
+    payload = encode_command(cmd)
+    # Signed over these very bytes: the device's helper verifies the payload as it arrives.
+    signature = signing.sign(key, payload) if key is not None else None
     session = Session(settings)
     try:
         # With --wait the broker keeps our session (subscriptions, queued acks) across a connection
@@ -330,9 +510,11 @@ def run(args: argparse.Namespace) -> int:
         session.connect(session_expiry=int(min(follow_s + 60, 7 * 86400)))
         open_for_device(session, device)
         print(f"{action} -> device {device} (as {settings.describe()})", flush=True)
-        print(f"command_id {cmd.command_id}, expires_at {cmd.expires_at}", flush=True)
-        result = follow_command(session, device, cmd.command_id, encode_command(cmd), action=action,
-                                expires_at=expires_at, wait=args.wait, timeout=args.timeout)
+        print(f"command_id {cmd.command_id}, expires_at {cmd.expires_at}, "
+              + ("signed (hmac-sha256)" if signature is not None else "unsigned"), flush=True)
+        result = follow_command(session, device, cmd.command_id, payload, action=action,
+                                expires_at=expires_at, wait=args.wait, timeout=args.timeout,
+                                signature=signature)
     except SessionError as exc:
         print(f"infoscreenctl send: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -15,8 +15,16 @@ file or from ``--password-file``. It never appears in a message or an error.
 `Session` wraps paho-mqtt: every operation waits for the broker's answer (CONNACK, SUBACK, PUBACK)
 with a timeout and turns a refusal (reason code >= 128) into a `SessionError` with one clear line.
 Received messages are put on a queue, stamped with ``time.monotonic()`` on arrival (so timings
-do not include the time spent printing). TCP_NODELAY is set on the socket: without it each QoS 1
-round trip waits on Nagle's algorithm (tens of ms instead of well under one).
+do not include the time spent printing). The queue is bounded (messages and bytes): a device
+flooding its topics faster than a tool can handle them makes the session drop messages (counted
+in `Session.dropped`), never grow without bound. TCP_NODELAY is set on the socket: without it
+each QoS 1 round trip waits on Nagle's algorithm (tens of ms instead of well under one).
+
+Everything a device publishes is untrusted: one compromised screen holds a device account and may
+write any bytes, up to the broker's packet limit, on its own topics. `read_json`, `field` and
+`printable` are the few rules the tools read such payloads with: a size cap checked before
+parsing, every parser error (a recursion limit included) turned into `Unreadable`, a depth cap,
+typed bounded fields, and text made safe for the operator's terminal.
 """
 
 from __future__ import annotations
@@ -35,16 +43,24 @@ import time
 import uuid as uuidlib
 from typing import Any, Iterable
 
+import msgspec
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from infoscreen.config import ConfigError, read_env_file
+from infoscreen.wire import topics as wire_topics
+from infoscreen.wire.ids import is_uuid
 
 ENV_VAR_DEFAULT = "INFOSCREENCTL_ENV"
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _TRUE = {"1", "true", "yes", "on"}
+
+# The inbox bound: far above what an honest fleet has in flight at once (a reply per device),
+# small enough that a flood of maximum-size packets stays a few tens of MiB.
+MAX_INBOX_MESSAGES = 20_000
+MAX_INBOX_BYTES = 32 * 1024 * 1024
 
 # MQTT 5 reason codes shown to the operator.
 RC_SUCCESS = 0
@@ -150,8 +166,9 @@ def _read_secret_file(path: str, what: str) -> str:
     return first
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Merge the options over the env file; raise SessionError on a bad value."""
+def env_from_args(args: argparse.Namespace) -> dict[str, str]:
+    """The variables of the env file given with ``--env`` (none: empty); SessionError if it
+    cannot be read. Warns once when it holds a password that other users can read."""
     env: dict[str, str] = {}
     if getattr(args, "env", None):
         try:
@@ -165,6 +182,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                       f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it")
         except OSError:
             pass
+    return env
+
+
+def settings_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
+    """Merge the options over the env file (`env`: its variables, already read by
+    `env_from_args`; None: read it here); raise SessionError on a bad value."""
+    if env is None:
+        env = env_from_args(args)
 
     def pick(opt: str, var: str) -> str | None:
         v = getattr(args, opt, None)
@@ -248,6 +273,10 @@ class Session:
         self.settings = settings
         self.client_id = settings.client_id or f"{client_id_prefix}-{uuidlib.uuid4().hex[:12]}"
         self.inbox: "queue.Queue[Received | ConnectionEvent]" = queue.Queue()
+        self._inbox_lock = threading.Lock()
+        self._inbox_messages = 0
+        self._inbox_bytes = 0
+        self.dropped = 0  # messages not queued because the inbox was full
         self._cond = threading.Condition()
         self._connack: int | None = None
         self._connected = False
@@ -314,7 +343,25 @@ class Session:
             self.inbox.put(ConnectionEvent(False, str(reason_code), False, time.monotonic()))
 
     def _on_message(self, client, userdata, msg) -> None:
-        self.inbox.put(Received(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos, time.monotonic()))
+        # paho re-raises what a callback raises, ending its network thread: never raise here.
+        try:
+            topic = msg.topic  # decoded as UTF-8 (a broker enforces it; a bad one is dropped)
+            payload = bytes(msg.payload)
+        except Exception:  # noqa: BLE001
+            with self._inbox_lock:
+                self.dropped += 1
+            return
+        size = len(payload)
+        with self._inbox_lock:
+            if (self._inbox_messages >= MAX_INBOX_MESSAGES
+                    or self._inbox_bytes + size > MAX_INBOX_BYTES):
+                # Dropping, not blocking: a blocked network thread would also stop the PUBACKs
+                # that a publish waits for (a deadlock until its timeout).
+                self.dropped += 1
+                return
+            self._inbox_messages += 1
+            self._inbox_bytes += size
+        self.inbox.put(Received(topic, payload, bool(msg.retain), msg.qos, time.monotonic()))
 
     def _on_subscribe(self, client, userdata, mid, reason_code_list, properties) -> None:
         with self._cond:
@@ -404,15 +451,20 @@ class Session:
         self._subscriptions.extend(subs)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                timeout: float = 10.0, expiry_s: float | None = None) -> int:
+                timeout: float = 10.0, expiry_s: float | None = None,
+                user_properties: list[tuple[str, str]] | None = None) -> int:
         """Publish and, at QoS 1, wait for the PUBACK. Returns its reason code (0, or 16: nobody
         subscribed); raises SessionError on a refusal (>= 128: e.g. 135, not authorized).
         `expiry_s`: MQTT 5 Message Expiry Interval, so the broker (whose clock is right) drops a
-        message still queued for an offline device once it is stale."""
+        message still queued for an offline device once it is stale. `user_properties`: MQTT 5
+        user properties of the PUBLISH (a signed command's `signature`)."""
         props = None
-        if expiry_s is not None:
+        if expiry_s is not None or user_properties:
             props = Properties(PacketTypes.PUBLISH)
+        if expiry_s is not None:
             props.MessageExpiryInterval = max(1, int(expiry_s + 0.999))
+        if user_properties:
+            props.UserProperty = list(user_properties)
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise SessionError(f"cannot publish to {topic}: {mqtt.error_string(info.rc)}")
@@ -428,10 +480,16 @@ class Session:
         """The next message or connection event, or None after `timeout` seconds."""
         try:
             if timeout is not None and timeout <= 0:
-                return self.inbox.get_nowait()
-            return self.inbox.get(timeout=timeout)
+                item = self.inbox.get_nowait()
+            else:
+                item = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+        if isinstance(item, Received):
+            with self._inbox_lock:
+                self._inbox_messages -= 1
+                self._inbox_bytes -= len(item.payload)
+        return item
 
     def close(self, *, end_session: bool = True) -> None:
         """Disconnect cleanly (asking the broker to drop a kept session) and stop the loop."""
@@ -490,3 +548,89 @@ def format_age(seconds: float | None) -> str:
     if seconds < 86400:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} d"
+
+
+# ---- payloads from devices (untrusted) -----------------------------------------------------------
+
+MAX_DEPTH = 32  # the contract's payloads are at most 3 levels deep
+# How many devices a tool keeps state for, from the uuids in the topics it sees: far above a
+# fleet, and a bound on memory however many topics a broker (misconfigured ACL) lets through.
+MAX_DEVICES = 10_000
+
+
+class Unreadable(ValueError):
+    """A device's payload that is not read; the message says why in a few words, never quoting it."""
+
+
+def device_of(topic: str, kind: str) -> str | None:
+    """The device uuid of ``infoscreen/<uuid>/<kind>`` (`kind` may have several levels), else
+    None. Everything a tool reports about a device is keyed on this uuid, the one the broker's
+    ACL ties to the publishing account, never on a uuid inside a payload."""
+    prefix = wire_topics.PREFIX + "/"
+    suffix = "/" + kind
+    if not (topic.startswith(prefix) and topic.endswith(suffix)):
+        return None
+    device = topic[len(prefix):len(topic) - len(suffix)]
+    return device if is_uuid(device) else None
+
+
+def _depth_within(obj: Any, limit: int) -> bool:
+    # Iterative: a recursive walk is what a deeply nested payload is built to break.
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return False
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return True
+
+
+def read_json(payload: bytes, max_bytes: int) -> Any:
+    """The JSON value of a device's `payload`, or `Unreadable`.
+
+    The size is checked before anything is parsed. msgspec's parser refuses what is not strict
+    JSON (NaN, Infinity, lone surrogates, integers beyond 64 bits) and raises RecursionError on
+    deep nesting; what it accepts deeper than MAX_DEPTH is refused too, so no later recursive
+    step (printing it as JSON) can hit the recursion limit."""
+    if len(payload) > max_bytes:
+        raise Unreadable(f"too large ({len(payload)} bytes; at most {max_bytes} are read)")
+    try:
+        obj = msgspec.json.decode(payload)
+    except RecursionError:
+        raise Unreadable("nested too deep") from None
+    except Exception:  # noqa: BLE001 - DecodeError, ValidationError (a number out of range), ...
+        raise Unreadable("not JSON") from None
+    if not _depth_within(obj, MAX_DEPTH):
+        raise Unreadable("nested too deep")
+    return obj
+
+
+def field(obj: Any, key: str, typ: Any) -> Any:
+    """`obj[key]` as `typ` (a msgspec type, its bounds included: e.g. a str of at most 64
+    characters), or None when `obj` is not an object, the key is absent or null, or the value
+    is not of that type. One wrong field costs that field only."""
+    if not isinstance(obj, dict):
+        return None
+    value = obj.get(key)
+    if value is None:
+        return None
+    try:
+        return msgspec.convert(value, typ)
+    except (msgspec.ValidationError, TypeError, ValueError):
+        return None
+
+
+def printable(text: str, max_len: int = 200) -> str:
+    """A device's text made safe to print on the operator's terminal: characters that are not
+    printable (ESC and the other controls, CR, bidi overrides, line separators) are written as
+    escapes, so no payload can move the cursor or redraw another device's row; at most
+    `max_len` characters, a longer text ends with "...". """
+    cut = len(text) > max_len
+    head = text[:max_len]
+    if not head.isprintable():
+        head = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in head)
+    if cut or len(head) > max_len:
+        return head[: max_len - 3] + "..." if max_len >= 3 else head[:max_len]
+    return head

@@ -9,11 +9,20 @@ Output:
 - on a terminal, a table redrawn in place (ANSI) on every update and every second;
 - otherwise (a pipe, a file), one plain line per update;
 - with ``--json``, one JSON object per update (``event``, ``device``, ``topic``, ``received_at``,
-  ``retained``, ``payload``, ``row``), plus ``silent``/``fleet_silent`` and ``broker_*`` events.
+  ``retained``, ``payload``, ``row``, and ``problem`` when the payload is not what the contract
+  says), plus ``silent``/``fleet_silent``, ``broker_*``, ``messages_dropped`` (messages arrived
+  faster than they could be handled) and ``device_limit`` events.
 
-The seed's alerting heuristic is applied: a device whose last heartbeat is older than
+The contract's alerting heuristic is applied: a device whose last heartbeat is older than
 ``--stale-after`` (default 90 s, three heartbeat periods) is marked silent; when every known
 device is silent at once, the likely cause is the broker or the network, not the devices.
+
+Everything shown comes from what devices publish, and one device may be compromised: each payload
+is read as untrusted input (a size cap before parsing, every parser error caught, typed bounded
+fields, text escaped before it reaches the terminal), and every row is keyed on the uuid in the
+topic, never on one inside a payload, so no device can change what is shown about another. At
+most MAX_DEVICES rows are kept. A payload that cannot be read still counts as a sign of life
+(its ``problem`` says what is wrong with it).
 
 A line ``watching ...`` is written to stderr once the subscription is in place (scripts and tests
 can wait for it before expecting updates). Stops on Ctrl-C, or after ``--once`` / ``--count N``
@@ -29,28 +38,106 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
-from typing import Any, TextIO
+from typing import Annotated, Any, TextIO
 
+import msgspec
+
+from infoscreen.ctl.alerts import AlertView, read_alert
 from infoscreen.ctl.session import (
+    MAX_DEVICES,
     ConnectionEvent,
     Received,
     SessionError,
     Session,
+    Unreadable,
     add_connection_args,
     check_device_uuid,
+    device_of,
+    field,
     format_age,
+    printable,
+    read_json,
     settings_from_args,
 )
 from infoscreen.wire import topics
 
 DEFAULT_STALE_S = 90.0
 REDRAW_S = 1.0
+# The table is redrawn at most this often: a device flooding its topics must not make watch spend
+# its time drawing (it would fall behind and drop the other devices' messages).
+MIN_REDRAW_S = 0.1
 EXIT_OK = 0
 EXIT_ERROR = 2
+# Far above the real payloads (a heartbeat ~150 bytes, a health report ~1.5 KiB), far below the
+# broker's packet limit: a larger payload is not parsed.
+MAX_HEARTBEAT_BYTES = 16 * 1024
+MAX_HEALTH_BYTES = 64 * 1024
+
+_Short = Annotated[str, msgspec.Meta(max_length=64)]
+_Pid = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class HeartbeatView(msgspec.Struct, frozen=True):
+    """What watch keeps of a heartbeat: its timestamp (printable, bounded) or why it is missing."""
+
+    timestamp: str | None = None
+    problem: str | None = None
+
+
+class HealthView(msgspec.Struct, frozen=True):
+    """What watch keeps of a health report; a missing or wrong field is None."""
+
+    display: str | None = None
+    display_pid: int | None = None
+    broker_reachable: bool | None = None
+    reconnect_count: int | None = None
+    last_disconnect_at: str | None = None
+    problem: str | None = None
+
+
+def _text(obj: Any, key: str) -> str | None:
+    value = field(obj, key, _Short)
+    return None if value is None else printable(value, 64)
+
+
+def parse_heartbeat(payload: bytes) -> tuple[HeartbeatView, Any]:
+    """(the view, the payload's JSON value or None): never raises, whatever the payload."""
+    try:
+        obj = read_json(payload, MAX_HEARTBEAT_BYTES)
+    except Unreadable as exc:
+        return HeartbeatView(problem=f"unreadable heartbeat: {exc}"), None
+    if not isinstance(obj, dict):
+        return HeartbeatView(problem="unreadable heartbeat: not a JSON object"), obj
+    ts = _text(obj, "timestamp")
+    return HeartbeatView(timestamp=ts, problem=None if ts is not None else "no timestamp"), obj
+
+
+def parse_health(payload: bytes) -> tuple[HealthView, Any]:
+    """(the view, the payload's JSON value or None): never raises, whatever the payload. Each
+    field is read on its own, so one wrong field loses only itself."""
+    try:
+        obj = read_json(payload, MAX_HEALTH_BYTES)
+    except Unreadable as exc:
+        return HealthView(problem=f"unreadable health: {exc}"), None
+    if not isinstance(obj, dict):
+        return HealthView(problem="unreadable health: not a JSON object"), obj
+    actual = obj.get("actual_state")
+    bc = obj.get("broker_connection")
+    view = HealthView(
+        display=_text(actual, "status"),
+        display_pid=field(actual, "pid", _Pid),
+        broker_reachable=field(bc, "broker_reachable", bool),
+        reconnect_count=field(bc, "reconnect_count", _Count),
+        last_disconnect_at=_text(bc, "last_disconnect_at"),
+    )
+    if not isinstance(actual, dict) or not isinstance(bc, dict):
+        view = msgspec.structs.replace(view, problem="no actual_state or broker_connection object")
+    return view, obj
 
 
 @dataclasses.dataclass
@@ -64,7 +151,7 @@ class DeviceRow:
     broker_reachable: bool | None = None
     reconnect_count: int | None = None
     last_disconnect_at: str | None = None
-    alert: dict[str, Any] | None = None
+    alert: AlertView | None = None
     silent: bool = False
 
     def heartbeat_age(self, now: float) -> float | None:
@@ -81,70 +168,88 @@ class DeviceRow:
             "broker_reachable": self.broker_reachable,
             "reconnect_count": self.reconnect_count,
             "last_disconnect_at": self.last_disconnect_at,
-            "service_failed": self.alert,
+            "service_failed": None if self.alert is None else self.alert.as_dict(),
             "silent": self.silent,
         }
 
 
-def _obj(payload: bytes) -> Any:
-    try:
-        return json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return None
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """One applied message: the event name, the device's row, the payload's JSON value (None when
+    unreadable) and what is wrong with the payload, if anything."""
+
+    event: str
+    row: DeviceRow
+    payload: Any
+    problem: str | None = None
+
+
+_KINDS = ("heartbeat", "health", "service_failed")
 
 
 class Fleet:
-    """The rows, updated from messages. Pure state: no I/O (tests drive it directly)."""
+    """The rows, updated from messages. Pure state: no I/O (tests drive it directly).
 
-    def __init__(self, stale_after: float = DEFAULT_STALE_S) -> None:
+    A message changes the row of the device in its topic and no other; at most `max_devices`
+    rows are kept (messages of further devices are counted in `untracked`, not applied)."""
+
+    def __init__(self, stale_after: float = DEFAULT_STALE_S, max_devices: int = MAX_DEVICES) -> None:
         self.rows: dict[str, DeviceRow] = {}
         self.stale_after = stale_after
+        self.max_devices = max_devices
+        self.untracked = 0
 
-    def row(self, device: str) -> DeviceRow:
+    def row(self, device: str) -> DeviceRow | None:
         r = self.rows.get(device)
         if r is None:
+            if len(self.rows) >= self.max_devices:
+                self.untracked += 1
+                return None
             r = self.rows[device] = DeviceRow(device)
         return r
 
-    def apply(self, topic: str, payload: bytes, at: float) -> tuple[str, DeviceRow, Any] | None:
-        """Update from one message; returns (event, row, parsed payload) or None if irrelevant."""
-        device = topics.device_of(topic)
-        if device is None:
+    def apply(self, topic: str, payload: bytes, at: float) -> Update | None:
+        """Update from one message; returns the update, or None if irrelevant. Never raises."""
+        for kind in _KINDS:
+            device = device_of(topic, kind)
+            if device is not None:
+                break
+        else:
             return None
-        kind = topic[len(f"{topics.PREFIX}/{device}/"):]
-        obj = _obj(payload) if payload else None
         if kind == "heartbeat":
+            hb, obj = parse_heartbeat(payload)
             r = self.row(device)
+            if r is None:
+                return None
             r.heartbeat_mono = at
-            r.heartbeat_ts = obj.get("timestamp") if isinstance(obj, dict) else None
+            r.heartbeat_ts = hb.timestamp
             r.silent = False
-            return "heartbeat", r, obj
+            return Update("heartbeat", r, obj, hb.problem)
         if kind == "health":
+            h, obj = parse_health(payload)
             r = self.row(device)
+            if r is None:
+                return None
             r.health_mono = at
-            if isinstance(obj, dict):
-                actual = obj.get("actual_state")
-                if isinstance(actual, dict):
-                    r.display = actual.get("status") if isinstance(actual.get("status"), str) else None
-                    pid = actual.get("pid")
-                    r.display_pid = pid if isinstance(pid, int) else None
-                bc = obj.get("broker_connection")
-                if isinstance(bc, dict):
-                    r.broker_reachable = bc.get("broker_reachable")
-                    r.reconnect_count = bc.get("reconnect_count")
-                    r.last_disconnect_at = bc.get("last_disconnect_at")
-            return "health", r, obj
-        if kind == "service_failed":
-            if not payload:
-                r = self.rows.get(device)
-                if r is None or r.alert is None:
-                    return None
-                r.alert = None
-                return "service_failed_cleared", r, None
-            r = self.row(device)
-            r.alert = obj if isinstance(obj, dict) else {"raw": payload[:200].decode("utf-8", "replace")}
-            return "service_failed", r, obj
-        return None
+            r.display = h.display
+            r.display_pid = h.display_pid
+            r.broker_reachable = h.broker_reachable
+            r.reconnect_count = h.reconnect_count
+            r.last_disconnect_at = h.last_disconnect_at
+            return Update("health", r, obj, h.problem)
+        # service_failed
+        if not payload:
+            r = self.rows.get(device)
+            if r is None or r.alert is None:
+                return None
+            r.alert = None
+            return Update("service_failed_cleared", r, None)
+        r = self.row(device)
+        if r is None:
+            return None
+        alert, obj = read_alert(device, payload)
+        r.alert = alert
+        return Update("service_failed", r, obj, alert.problem)
 
     def newly_silent(self, now: float) -> list[DeviceRow]:
         out = []
@@ -194,7 +299,9 @@ def render_table(fleet: Fleet, now: float, *, connected: bool, since: float | No
         display = _cell(r.display) + (f" (pid {r.display_pid})" if r.display_pid else "")
         alert = "-"
         if r.alert:
-            alert = f"{r.alert.get('unit', 'ALERT')} at {r.alert.get('failed_at', '?')}"
+            alert = f"{r.alert.unit or 'ALERT'} at {r.alert.failed_at or '?'}"
+            if r.alert.problem:
+                alert += f" ({r.alert.problem})"
         rows.append((d, hb, display, _cell(r.broker_reachable), _cell(r.reconnect_count),
                      _cell(r.last_disconnect_at), alert))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -214,14 +321,21 @@ def render_table(fleet: Fleet, now: float, *, connected: bool, since: float | No
     return "\n".join(lines)
 
 
+def _word(v: Any) -> str:
+    # A device's text in a key=value line: no space, so it cannot fake further fields.
+    return _cell(v).replace(" ", "_")
+
+
 def plain_line(event: str, row: DeviceRow, now: float) -> str:
     age = row.heartbeat_age(now)
     parts = [datetime.now(timezone.utc).strftime("%H:%M:%S"), event, row.device,
              f"heartbeat_age={format_age(age).replace(' ', '')}",
-             f"display={_cell(row.display)}", f"broker_reachable={_cell(row.broker_reachable)}",
-             f"reconnects={_cell(row.reconnect_count)}", f"last_disconnect={_cell(row.last_disconnect_at)}"]
+             f"display={_word(row.display)}", f"broker_reachable={_cell(row.broker_reachable)}",
+             f"reconnects={_cell(row.reconnect_count)}", f"last_disconnect={_word(row.last_disconnect_at)}"]
     if row.alert:
-        parts.append(f"service_failed={row.alert.get('unit', '?')}@{row.alert.get('failed_at', '?')}")
+        parts.append(f"service_failed={_word(row.alert.unit or '?')}@{_word(row.alert.failed_at or '?')}")
+        if row.alert.problem:
+            parts.append(f"alert_problem={_word(row.alert.problem)}")
     return " ".join(parts)
 
 
@@ -238,13 +352,20 @@ class Watcher:
         self.connected = True
         self.disconnected_since: float | None = None
         self._drawn = False
+        self._reported_dropped = 0
+        self._reported_untracked = False
 
     def _write(self, text: str) -> None:
         self.out.write(text + "\n")
         self.out.flush()
 
     def _json(self, obj: dict[str, Any]) -> None:
-        self._write(json.dumps(obj, separators=(",", ":")))
+        try:
+            text = json.dumps(obj, separators=(",", ":"))
+        except (ValueError, TypeError, RecursionError):  # not expected: read_json bounds the payload
+            obj = {**obj, "payload": None, "problem": "payload not printable as JSON"}
+            text = json.dumps(obj, separators=(",", ":"))
+        self._write(text)
 
     def _redraw(self, now: float) -> None:
         # Cursor home, each line overwritten and cleared to its end, then the rest of the screen
@@ -257,13 +378,16 @@ class Watcher:
         self.out.flush()
 
     def _event(self, event: str, row: DeviceRow | None, now: float, *, topic: str | None = None,
-               retained: bool | None = None, payload: Any = None, extra: dict[str, Any] | None = None) -> None:
+               retained: bool | None = None, payload: Any = None, problem: str | None = None,
+               extra: dict[str, Any] | None = None) -> None:
         if self.mode == "json":
             obj: dict[str, Any] = {"event": event, "received_at": _iso(time.time())}
             if row is not None:
                 obj["device"] = row.device
             if topic is not None:
                 obj.update(topic=topic, retained=retained, payload=payload)
+            if problem is not None:
+                obj["problem"] = problem
             if row is not None:
                 obj["row"] = row.as_dict(now)
             if extra:
@@ -271,12 +395,23 @@ class Watcher:
             self._json(obj)
         elif self.mode == "plain":
             if row is not None:
-                self._write(plain_line(event, row, now))
+                line = plain_line(event, row, now)
+                self._write(line if problem is None else f"{line} problem={_word(problem)}")
             else:
                 self._write(f"{datetime.now(timezone.utc).strftime('%H:%M:%S')} {event}"
                             + (f" {extra.get('message', '')}" if extra else ""))
 
     def _tick(self, now: float) -> None:
+        dropped = self.session.dropped
+        if dropped > self._reported_dropped:
+            self._event("messages_dropped", None, now, extra={
+                "message": f"{dropped - self._reported_dropped} message(s) dropped: they arrived faster than "
+                           "they could be handled", "dropped": dropped})
+            self._reported_dropped = dropped
+        if self.fleet.untracked and not self._reported_untracked:
+            self._reported_untracked = True
+            self._event("device_limit", None, now, extra={
+                "message": f"{self.fleet.max_devices} devices tracked: messages of further devices are ignored"})
         if not self.connected:
             return  # our own outage: the devices' silence would be ours to blame
         newly = self.fleet.newly_silent(now)
@@ -288,7 +423,8 @@ class Watcher:
     def run(self) -> int:
         start = time.monotonic()
         end = start + self.duration if self.duration is not None else None
-        next_draw = start
+        next_draw = start + REDRAW_S
+        last_draw = start
         if self.mode == "table":
             self._redraw(start)
         while True:
@@ -298,6 +434,8 @@ class Watcher:
             if self.count is not None and self.updates >= self.count:
                 return EXIT_OK
             wait = REDRAW_S if end is None else min(REDRAW_S, end - now)
+            if self.mode == "table":
+                wait = min(wait, next_draw - now)
             item = self.session.get(max(0.0, wait))
             now = time.monotonic()
             changed = False
@@ -309,16 +447,20 @@ class Watcher:
                                                                                f"lost ({item.reason})")})
                 changed = True
             elif isinstance(item, Received):
-                res = self.fleet.apply(item.topic, item.payload, item.at)
-                if res is not None:
-                    event, row, obj = res
+                up = self.fleet.apply(item.topic, item.payload, item.at)
+                if up is not None:
                     self.updates += 1
-                    self._event(event, row, now, topic=item.topic, retained=item.retain, payload=obj)
+                    self._event(up.event, up.row, now, topic=item.topic, retained=item.retain,
+                                payload=up.payload, problem=up.problem)
                     changed = True
             self._tick(now)
-            if self.mode == "table" and (changed or now >= next_draw):
-                self._redraw(now)
-                next_draw = now + REDRAW_S
+            if self.mode == "table":
+                if changed:
+                    next_draw = min(next_draw, last_draw + MIN_REDRAW_S)
+                if now >= next_draw:
+                    self._redraw(now)
+                    last_draw = now
+                    next_draw = now + REDRAW_S
 
 
 def register(subparsers) -> argparse.ArgumentParser:

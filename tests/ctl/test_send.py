@@ -14,7 +14,7 @@ import uuid as uuidlib
 import pytest
 
 from infoscreen.ctl import send as send_mod
-from infoscreen.wire import topics
+from infoscreen.wire import signing, topics
 from infoscreen.wire.schema import parse_rfc3339
 
 
@@ -47,7 +47,7 @@ def test_send_wait_completed_prints_lifecycle_with_timings(ctl, device, device_u
     msg = device.wait_for(topics.commands(device_uuid), timeout=10)
     cmd = msg.json()
     assert msg.qos == 1 and not msg.retain
-    # CONTRACT.md's command
+    # the contract's command
     uuidlib.UUID(cmd["command_id"])
     assert cmd["action"] == "reboot_host"
     assert cmd["schema_version"] == "1.0"
@@ -283,3 +283,183 @@ def test_send_wait_against_the_running_tree_in_mock_mode(ctl, broker, device_uui
     assert p.wait(30) == 0, p.stdout + p.stderr + tree.log_text()[-3000:]
     assert lifecycle_lines(p.stdout) == ["published", "accepted", "execution_started", "completed"]
     assert "completed: device" in p.stdout
+
+
+# ---- signed power commands ------------------------------------------------------------------------
+
+
+def user_properties(msg) -> list[tuple[str, str]]:
+    return list(getattr(msg.properties, "UserProperty", None) or [])
+
+
+def write_key(key_dir, uuid: str, key: bytes | None = None) -> bytes:
+    key = key or signing.new_key()
+    key_dir.mkdir(mode=0o700, exist_ok=True)
+    path = key_dir / f"{uuid}.key"
+    path.write_text(signing.key_text(key))
+    path.chmod(0o600)
+    return key
+
+
+def finish(dev, uuid: str, msg) -> None:
+    publish_both(dev, uuid, ack(msg.json()["command_id"], "completed"))
+
+
+def test_send_signs_the_payload_bytes_as_published(ctl, device, device_uuid, tmp_path):
+    """The device receives the PUBLISH with one `signature` user property: hmac-sha256 over the
+    received payload, byte for byte, on the command topic."""
+    key = write_key(tmp_path / "keys", device_uuid)
+    p = ctl("send", "reboot", "--device", device_uuid, "--wait", "--keys", str(tmp_path / "keys"))
+    msg = device.wait_for(topics.commands(device_uuid), timeout=10)
+    assert msg.topic == topics.commands(device_uuid)
+    props = user_properties(msg)
+    assert props == [(signing.SIGNATURE_PROPERTY, signing.sign(key, msg.payload))]
+    assert re.fullmatch(r"hmac-sha256=[0-9a-f]{64}", props[0][1])
+    finish(device, device_uuid, msg)
+    assert p.wait(10) == 0, p.stdout + p.stderr
+    assert re.search(r"^command_id \S+, expires_at \S+, signed \(hmac-sha256\)$", p.stdout, re.M)
+    assert key.hex() not in p.stdout + p.stderr
+    assert "unsigned" not in p.stderr
+
+
+@pytest.mark.parametrize("source", ["option", "environment", "env file"])
+def test_key_directory_precedence(ctl_raw, broker, device, device_uuid, tmp_path, source):
+    """--keys, then $INFOSCREEN_COMMAND_KEYS, then INFOSCREEN_COMMAND_KEYS of the env file."""
+    keys = {name: write_key(tmp_path / name, device_uuid) for name in ("option", "environment", "env file")}
+    env_file = tmp_path / "server.env"
+    env_file.write_text(broker.server_env_path.read_text()
+                        + f"\nINFOSCREEN_COMMAND_KEYS={tmp_path / 'env file'}\n")
+    env_file.chmod(0o600)
+    argv = ["send", "shutdown", "--device", device_uuid, "--wait", "--env", str(env_file)]
+    env = {}
+    if source == "option":
+        argv += ["--keys", str(tmp_path / "option")]
+    if source in ("option", "environment"):
+        env["INFOSCREEN_COMMAND_KEYS"] = str(tmp_path / "environment")
+    p = ctl_raw(*argv, env=env)
+    msg = device.wait_for(topics.commands(device_uuid), timeout=10)
+    assert user_properties(msg) == [("signature", signing.sign(keys[source], msg.payload))]
+    finish(device, device_uuid, msg)
+    assert p.wait(10) == 0, p.stdout + p.stderr
+
+
+def test_the_re_sent_command_after_a_broker_crash_is_signed_too(ctl, broker, device_probe, device_uuid, tmp_path):
+    key = write_key(tmp_path / "keys", device_uuid)
+    dev = device_probe()
+    dev.subscribe(topics.commands(device_uuid))
+    p = ctl("send", "reboot", "--device", device_uuid, "--wait", "--expires-in", "1m", "--keys", str(tmp_path / "keys"))
+    first = dev.wait_for(topics.commands(device_uuid), timeout=10)
+    cid = first.json()["command_id"]
+    broker.kill()
+    p.wait_line(r"connection to the broker lost")
+    broker.start()
+    dev.connect()
+    dev.subscribe(topics.commands(device_uuid))
+    again = dev.wait_for(topics.commands(device_uuid), lambda m: m.json()["command_id"] == cid, timeout=20)
+    assert again.payload == first.payload
+    assert user_properties(again) == [("signature", signing.sign(key, again.payload))]
+    finish(dev, device_uuid, again)
+    assert p.wait(20) == 0, p.stdout + p.stderr
+
+
+def test_without_a_key_file_it_sends_unsigned_and_says_so_in_one_line(ctl, device, device_uuid, tmp_path):
+    (tmp_path / "keys").mkdir()
+    write_key(tmp_path / "keys", str(uuidlib.uuid4()))  # another device's key is never used
+    p = ctl("send", "reboot", "--device", device_uuid, "--wait", "--keys", str(tmp_path / "keys"))
+    msg = device.wait_for(topics.commands(device_uuid), timeout=10)
+    assert user_properties(msg) == []
+    finish(device, device_uuid, msg)
+    assert p.wait(10) == 0, p.stdout + p.stderr
+    notes = [l for l in p.err if "unsigned" in l]
+    assert notes == [f"infoscreenctl send: note: no command key {tmp_path / 'keys' / (device_uuid + '.key')}: "
+                     "the command is sent unsigned (a device that has a command key refuses it: signature_invalid)"]
+    assert p.stdout.splitlines()[1].endswith(", unsigned")
+
+
+def test_no_key_directory_configured_sends_unsigned_with_one_note(ctl_raw, broker, device, device_uuid, tmp_path):
+    env_file = tmp_path / "server.env"
+    env_file.write_text("\n".join(l for l in broker.server_env_path.read_text().splitlines()
+                                  if not l.startswith("INFOSCREEN_COMMAND_KEYS=")) + "\n")
+    env_file.chmod(0o600)
+    p = ctl_raw("send", "reboot", "--device", device_uuid, "--wait", "--env", str(env_file),
+                env={"INFOSCREEN_COMMAND_KEYS": ""})
+    msg = device.wait_for(topics.commands(device_uuid), timeout=10)
+    assert user_properties(msg) == []
+    finish(device, device_uuid, msg)
+    assert p.wait(10) == 0, p.stdout + p.stderr
+    assert len([l for l in p.err if "sent unsigned" in l]) == 1
+    assert "no command key directory" in p.stderr
+
+
+def test_unsigned_option_sends_no_signature_even_with_a_key(ctl, device, device_uuid, tmp_path):
+    write_key(tmp_path / "keys", device_uuid)
+    p = ctl("send", "reboot", "--device", device_uuid, "--wait", "--keys", str(tmp_path / "keys"), "--unsigned")
+    msg = device.wait_for(topics.commands(device_uuid), timeout=10)
+    assert user_properties(msg) == []
+    finish(device, device_uuid, msg)
+    assert p.wait(10) == 0
+    assert len([l for l in p.err if "--unsigned" in l]) == 1
+
+
+SECRETISH = "f" * 63 + "Z"  # looks like a key; must never be echoed
+
+
+@pytest.mark.parametrize("content", [
+    SECRETISH.encode(),
+    ("A" * 64 + "\n").encode(),  # upper case
+    ("a" * 63 + "\n").encode(),
+    ("a" * 64 + "\n\n").encode(),
+    ("a" * 64 + " ").encode(),
+    b"",
+    b"\xff" * 64,
+    ("a" * 64 + "\n").encode() * 100,
+])
+def test_a_malformed_key_file_is_an_error_and_nothing_is_sent(ctl, device, device_uuid, tmp_path, content):
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    (keys / f"{device_uuid}.key").write_bytes(content)
+    (keys / f"{device_uuid}.key").chmod(0o600)
+    p = ctl("send", "reboot", "--device", device_uuid, "--wait", "--keys", str(keys))
+    assert p.wait(10) == 2
+    assert p.err == [f"infoscreenctl send: error: command key {keys / (device_uuid + '.key')} is malformed: "
+                     "it must be 64 lower-case hex characters (and an optional newline)"]
+    assert p.stdout == ""
+    text = content.decode("latin-1").strip()
+    if text:
+        assert text[:32] not in p.stderr
+    device.assert_nothing(topics.commands(device_uuid), within=0.3)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "missing dir", "dir is a file"])
+def test_an_unreadable_key_file_or_missing_key_dir_is_an_error(ctl, device, device_uuid, tmp_path, kind):
+    import os
+
+    keys = tmp_path / "keys"
+    path = keys / f"{device_uuid}.key"
+    if kind == "directory":
+        path.mkdir(parents=True)
+    elif kind == "fifo":
+        keys.mkdir()
+        os.mkfifo(path)  # opening it for reading would block: it must not
+    elif kind == "dir is a file":
+        keys.write_text("x")
+    p = ctl("send", "reboot", "--device", device_uuid, "--wait", "--keys", str(keys))
+    assert p.wait(10) == 2
+    (line,) = p.err
+    assert line.startswith("infoscreenctl send: error: ")
+    if kind in ("directory", "fifo"):
+        assert line.endswith(f"command key {path}: not a regular file")
+    else:
+        assert "the command key directory" in line and "does not exist" in line
+    device.assert_nothing(topics.commands(device_uuid), within=0.3)
+
+
+def test_a_key_readable_by_others_is_warned_about(ctl, device, device_uuid, tmp_path):
+    key = write_key(tmp_path / "keys", device_uuid)
+    (tmp_path / "keys" / f"{device_uuid}.key").chmod(0o644)
+    p = ctl("send", "reboot", "--device", device_uuid, "--wait", "--keys", str(tmp_path / "keys"))
+    msg = device.wait_for(topics.commands(device_uuid), timeout=10)
+    assert user_properties(msg) == [("signature", signing.sign(key, msg.payload))]
+    finish(device, device_uuid, msg)
+    assert p.wait(10) == 0
+    assert "is accessible to other users (mode 0644); chmod 600 it" in p.stderr

@@ -131,7 +131,7 @@ def test_alert_cleared_by_empty_payload_and_table_render():
     assert "not connected to the broker for 7 s" in table
     assert re.search(rf"{d}\s+-\s+running \(pid 1234\)\s+yes\s+1\s+2026-04-04T10:30:00Z\s+x.service at 2026", table)
     event = fleet.apply(topics.service_failed(d), b"", at=11.0)
-    assert event is not None and event[0] == "service_failed_cleared"
+    assert event is not None and event.event == "service_failed_cleared"
     assert fleet.rows[d].alert is None
     assert fleet.apply("infoscreen/events/g1", b"{}", at=1.0) is None
 
