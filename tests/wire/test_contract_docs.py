@@ -168,13 +168,6 @@ def test_error_table_is_the_contract_plus_this_rounds_codes() -> None:
     assert set(documented_codes()) == schema.ERROR_CODES | NEW_CODES
 
 
-@pytest.mark.xfail(
-    not NEW_CODES <= schema.ERROR_CODES,
-    # signature_invalid and internal_error are being added to ErrorCode in parallel; once they
-    # are there this must pass (strict=False: it then simply passes, no xpass failure).
-    reason="ErrorCode does not have signature_invalid/internal_error yet",
-    strict=False,
-)
 def test_error_table_is_exactly_error_code() -> None:
     assert set(documented_codes()) == {c.value for c in schema.ErrorCode}
 
@@ -311,13 +304,6 @@ def test_helper_defaults_match_the_code() -> None:
     assert checked >= 3  # grace, breaker, groups: the scan works
 
 
-@pytest.mark.xfail(
-    # HELPER_READ_TIMEOUT_S goes from 2 s to 1 s in this round (the code lands in parallel);
-    # the doc already says 1. strict=False: once the code says 1 this simply passes.
-    helper_variables().get("HELPER_READ_TIMEOUT_S") != 1,
-    reason="the helper's read timeout default is not 1 s yet",
-    strict=False,
-)
 def test_helper_read_timeout_default_is_one_second() -> None:
     rows = _config_doc_rows(section(_read(CONFIG_DOC), "## The helper"))
     default = helper_variables()["HELPER_READ_TIMEOUT_S"]
