@@ -61,7 +61,7 @@ class Worker:
             sys.exit(EXIT_CONFIG)
         self.loop = Loop()
         self.ctx = zmq.Context.instance()
-        self.channel = WorkerChannel(self.ctx, self.cfg.runtime_dir, self.name)
+        self.channel = WorkerChannel(self.ctx, self.cfg.runtime_dir, self.name, supervisor_pid=self.parent_pid)
         self.loop.add_reader(self.channel.sock, self._on_ipc)
         self.loop.add_signal_handler(signal.SIGTERM, self.stop)
         self.loop.add_signal_handler(signal.SIGINT, self.stop)
