@@ -50,14 +50,6 @@ def test_broker_state_reaches_the_status_line(tree):
     tree.notify.wait_status(lambda s: "broker=connected" in s, timeout=15)
 
 
-def test_workers_do_not_inherit_the_notify_socket(tree):
-    for name, pid in tree.workers().items():
-        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-        keys = {e.split(b"=", 1)[0] for e in environ if e}
-        assert not keys & {b"NOTIFY_SOCKET", b"WATCHDOG_USEC", b"WATCHDOG_PID"}, name
-        assert b"INFOSCREEN_SUPERVISOR_PID" in keys
-
-
 @pytest.mark.parametrize("name", ["mqtt", "health"])
 def test_sigkill_a_worker_it_is_replaced(tree, name):
     old = tree.worker_pid(name)

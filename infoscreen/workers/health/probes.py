@@ -8,6 +8,7 @@ mid-read), so one bad probe never costs the report or the worker.
 from __future__ import annotations
 
 import os
+import pwd
 import time
 from pathlib import Path
 
@@ -34,15 +35,42 @@ def _status_of(proc: psutil.Process) -> str:
 
 
 class DisplayProbe:
-    """Finds the display process by pidfile or by name; remembers it between reports."""
+    """Finds the display process by pidfile or by name; remembers it between reports.
 
-    def __init__(self, name: str, pidfile: str | None = None) -> None:
+    With ``user`` (DISPLAY_PROCESS_USER, a user name or uid) only a process whose real uid is that
+    user's is the display: any process of the tree's own uid could take the display's name, but
+    not another user's uid. The real uid, not the effective one, because a setuid program changes
+    only the latter. An unknown user is a probe error (status unknown), never a match.
+    """
+
+    def __init__(self, name: str, pidfile: str | None = None, user: str | None = None) -> None:
         self.name = name
         self.pidfile = pidfile
+        self.user = user
+        self._uid: int | None = None
         self._proc: psutil.Process | None = None
 
-    def _matches(self, proc: psutil.Process) -> bool:
+    def owner_uid(self) -> int | None:
+        """The uid the display must run as (None: any); raises LookupError for an unknown user."""
+        if self.user is None:
+            return None
+        if self._uid is None:
+            if self.user.isascii() and self.user.isdigit():
+                self._uid = int(self.user)
+            else:
+                try:
+                    self._uid = pwd.getpwnam(self.user).pw_uid
+                except KeyError:
+                    raise LookupError(f"DISPLAY_PROCESS_USER {self.user[:64]!r} is not a user here") from None
+        return self._uid
+
+    def _owned(self, proc: psutil.Process, uid: int | None) -> bool:
+        return uid is None or proc.uids().real == uid
+
+    def _matches(self, proc: psutil.Process, uid: int | None) -> bool:
         try:
+            if not self._owned(proc, uid):
+                return False
             if proc.name() == self.name:
                 return True
             cmdline = proc.cmdline()
@@ -51,19 +79,21 @@ class DisplayProbe:
             return False
 
     def _find(self) -> psutil.Process | None:
+        uid = self.owner_uid()
         if self.pidfile:
             try:
                 pid = int(Path(self.pidfile).read_text().strip())
             except (OSError, ValueError):
                 return None
             try:
-                return psutil.Process(pid)
+                proc = psutil.Process(pid)
+                return proc if self._owned(proc, uid) else None
             except psutil.NoSuchProcess:
                 return None
-        if self._proc is not None and self._proc.is_running() and self._matches(self._proc):
+        if self._proc is not None and self._proc.is_running() and self._matches(self._proc, uid):
             return self._proc  # the common case: no scan of every process
         for proc in psutil.process_iter():
-            if self._matches(proc):
+            if self._matches(proc, uid):
                 return proc
         return None
 
