@@ -133,3 +133,40 @@ def test_the_tree_reports_only_the_display_of_its_user(displays, tree_factory, b
     got = srv.wait_for(topics.health(device_uuid), lambda m: state(m)["pid"] != theirs.pid, timeout=15)
     assert state(got) == {"process": "display_manager", "pid": None, "status": "not_running"}
     assert ours.poll() is None  # the same-named process of another user was there all along
+
+
+IN_A_USER_NAMESPACE = r"""
+import json, sys
+from infoscreen.workers.health.probes import DisplayProbe, uid_as_seen_here
+st = DisplayProbe("display_manager", user=sys.argv[1]).probe()
+print(json.dumps({"pid": st.pid, "seen_as": uid_as_seen_here(int(sys.argv[1])),
+                  "map": open("/proc/self/uid_map").read().split()}))
+"""
+
+
+def test_display_user_under_private_users(tmp_path):
+    """The unit's PrivateUsers=yes maps only root and the service's uid: the display's user shows as
+    nobody there. Still found, and still never one of our own uid's processes."""
+    import json
+    import os
+    import shutil
+    import sys
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1)")
+    uid = 1234  # the display's user, not mapped in the namespace below
+    ours = subprocess.Popen(["bash", "-c", "exec -a display_manager sleep 60"])
+    theirs = subprocess.Popen(["bash", "-c", "exec -a display_manager sleep 60"], user=uid, group=uid)
+    try:
+        r = subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-c", IN_A_USER_NAMESPACE,
+                            str(uid)], capture_output=True, text=True, timeout=20)
+        if r.returncode != 0 and "Operation not permitted" in r.stderr:
+            pytest.skip("no user namespaces here")
+        got = json.loads(r.stdout)
+        assert got["map"] == ["0", "0", "1"]  # only our uid (root) is mapped, as under PrivateUsers
+        assert got["seen_as"] == int(open("/proc/sys/kernel/overflowuid").read())
+        assert got["pid"] == theirs.pid
+    finally:
+        for p in (theirs, ours):
+            p.kill()
+            p.wait(5)
