@@ -109,7 +109,14 @@ class OsProcesses:
         # posix_spawn (vfork-like in glibc): the cheapest way to start a process. Our fds are
         # non-inheritable (PEP 446), so the child gets stdin/stdout/stderr only.
         pid = os.posix_spawn(sys.executable, argv, self.envs[worker])
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            # No pidfd (out of descriptors, LimitNOFILE): a child we could not watch must not live
+            # on unseen; the policy counts this as a failed start.
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
         self.pidfds[pid] = pidfd
         self.loop.add_reader(pidfd, lambda: self._reap(worker, pid))
         return pid
