@@ -68,6 +68,9 @@ class ClientConfig:
     worker_hang_timeout_s: float
     max_restarts: int
     restart_window_s: float
+    # The display process's owner (user name or uid): a process of that name owned by anyone else
+    # is not the display. Unset: any owner.
+    display_process_user: str | None = None
 
     @property
     def production(self) -> bool:
@@ -106,6 +109,7 @@ class ClientConfig:
             "MQTT_CERT_FILE": self.mqtt_cert_file,
             "MQTT_KEY_FILE": self.mqtt_key_file,
             "DISPLAY_PIDFILE": self.display_pidfile,
+            "DISPLAY_PROCESS_USER": self.display_process_user,
         }
         out.update({k: v for k, v in optional.items() if v is not None})
         return out
@@ -300,6 +304,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         worker_hang_timeout_s=hang_s,
         max_restarts=r.integer("SUPERVISOR_MAX_RESTARTS", 5, 1, 10000),
         restart_window_s=r.seconds("SUPERVISOR_RESTART_WINDOW_S", 60.0, 1.0, 86400.0),
+        display_process_user=r.text("DISPLAY_PROCESS_USER", None, max_len=64),
     )
 
 

@@ -16,13 +16,16 @@ from ..ipc.channel import SupervisorChannel, prepare_runtime_dir
 from ..loop import Loop
 from .notify import Notifier
 from .policy import Params
-from .process import OsProcesses, worker_environment
-from .tree import Supervisor
+from .process import OsProcesses, make_non_dumpable, worker_environment
+from .tree import WORKERS, Supervisor
 
 EXIT_CONFIG = 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First thing: the environment systemd handed us holds the broker password, and a dumpable
+    # process's /proc/<pid>/environ, memory and ptrace are open to every process of our uid.
+    make_non_dumpable()
     parser = argparse.ArgumentParser(prog="infoscreen-simclient", description=__doc__)
     parser.add_argument("--env-file", help="KEY=VALUE file read for variables the environment does not set")
     args = parser.parse_args(argv)
@@ -57,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         max_restarts=cfg.max_restarts,
         restart_window_s=cfg.restart_window_s,
     )
-    child_env = worker_environment(os.environ, cfg.to_environ())
+    config_env = cfg.to_environ()
+    child_envs = {w: worker_environment(w, os.environ, config_env) for w in WORKERS}
     sup = Supervisor(
         cfg, loop, channel, notifier,
-        control_factory=lambda on_exit: OsProcesses(loop, child_env, on_exit),
+        control_factory=lambda on_exit: OsProcesses(loop, child_envs, on_exit),
         params=params,
     )
     loop.add_signal_handler(signal.SIGTERM, lambda: sup.request_stop("SIGTERM"))

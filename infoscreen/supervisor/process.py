@@ -7,6 +7,7 @@ worker is seen within the loop's next wake-up (supervisord's loop needs about 1 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -17,18 +18,64 @@ from ..loop import Loop
 
 log = logging.getLogger(__name__)
 
-# Never handed to a worker: only the supervisor may talk to systemd (NotifyAccess=main),
-# and socket-activation variables belong to whoever systemd started.
-SCRUBBED_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+# What a child gets is built, never inherited: only the variables named here, from the
+# supervisor's configuration (ClientConfig.to_environ), plus the few of its own environment that
+# any Python process needs. So NOTIFY_SOCKET, WATCHDOG_*, LISTEN_* (systemd's, for the supervisor
+# alone), whatever the unit or the env file adds, and any secret a worker has no use for stay out.
+PROCESS_VARS = frozenset({
+    "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ",
+    "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONPATH",
+})
+
+_BOTH = frozenset({
+    "INFOSCREEN_ENV", "INFOSCREEN_STATE_DIR", "INFOSCREEN_RUNTIME_DIR",
+    "WORKER_HEARTBEAT_S", "WORKER_HANG_TIMEOUT_S",
+})
+
+WORKER_VARS: dict[str, frozenset[str]] = {
+    # The network side: the broker account, identity, command execution and its timing.
+    "mqtt": _BOTH | {
+        "CLIENT_UUID", "MQTT_BROKER", "MQTT_PORT", "MQTT_USER", "MQTT_PASSWORD_BROKER", "MQTT_TLS",
+        "MQTT_CA_FILE", "MQTT_CERT_FILE", "MQTT_KEY_FILE", "COMMAND_MOCK_REBOOT_IMMEDIATE_COMPLETE",
+        "HEARTBEAT_INTERVAL_S", "HEALTH_INTERVAL_S", "INFOSCREEN_CLOCK_TRUST", "INFOSCREEN_BOOT_ID_FILE",
+        "REBOOT_GRACE_S", "HELPER_TIMEOUT_S",
+    },
+    # The probes: no broker, no account, no identity.
+    "health": _BOTH | {
+        "HEALTH_INTERVAL_S", "DISPLAY_PROCESS_NAME", "DISPLAY_PIDFILE", "DISPLAY_PROCESS_USER",
+        "INFOSCREEN_BOOT_ID_FILE",
+    },
+}
+
+# Test-only switches, passed on only outside production (the worker ignores them there too).
+TEST_VARS: dict[str, frozenset[str]] = {"mqtt": frozenset({"INFOSCREEN_TEST_CRASHPOINT"}), "health": frozenset()}
 
 WORKER_MODULES = {"mqtt": "infoscreen.workers.mqtt", "health": "infoscreen.workers.health"}
 
 
-def worker_environment(base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in base.items() if k not in SCRUBBED_VARS}
-    env.update(extra)
+def worker_environment(worker: str, base: Mapping[str, str], config: Mapping[str, str]) -> dict[str, str]:
+    """The whole environment of one worker: its allow-listed configuration variables, the
+    allow-listed process basics of ``base``, and the supervisor's pid (for parent-death checks)."""
+    allowed = WORKER_VARS[worker]
+    env = {k: v for k, v in base.items() if k in PROCESS_VARS}
+    if config.get("INFOSCREEN_ENV") != "production":
+        env.update({k: v for k, v in base.items() if k in TEST_VARS[worker]})
+    env.update({k: v for k, v in config.items() if k in allowed})
     env["INFOSCREEN_SUPERVISOR_PID"] = str(os.getpid())
     return env
+
+
+PR_SET_DUMPABLE = 4
+
+
+def make_non_dumpable() -> bool:
+    """prctl(PR_SET_DUMPABLE, 0): /proc/<pid>/environ, mem and ptrace are then closed to processes of
+    the same uid (only root's CAP_SYS_PTRACE still opens them), and no core dump is written.
+    exec resets it, so every process of the tree calls this itself. True if the kernel took it."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def describe_status(status: int) -> str:
@@ -47,12 +94,12 @@ class OsProcesses:
     def __init__(
         self,
         loop: Loop,
-        env: Mapping[str, str],
+        envs: Mapping[str, Mapping[str, str]],
         on_exit: Callable[[str, int, str], None],
         modules: Mapping[str, str] = WORKER_MODULES,
     ) -> None:
         self.loop = loop
-        self.env = dict(env)
+        self.envs = {name: dict(env) for name, env in envs.items()}  # worker -> its whole environment
         self.on_exit = on_exit
         self.modules = dict(modules)
         self.pidfds: dict[int, int] = {}
@@ -61,8 +108,15 @@ class OsProcesses:
         argv = [sys.executable, "-m", self.modules[worker]]
         # posix_spawn (vfork-like in glibc): the cheapest way to start a process. Our fds are
         # non-inheritable (PEP 446), so the child gets stdin/stdout/stderr only.
-        pid = os.posix_spawn(sys.executable, argv, self.env)
-        pidfd = os.pidfd_open(pid)
+        pid = os.posix_spawn(sys.executable, argv, self.envs[worker])
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            # No pidfd (out of descriptors, LimitNOFILE): a child we could not watch must not live
+            # on unseen; the policy counts this as a failed start.
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
         self.pidfds[pid] = pidfd
         self.loop.add_reader(pidfd, lambda: self._reap(worker, pid))
         return pid

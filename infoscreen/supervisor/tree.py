@@ -2,8 +2,9 @@
 
 Routing and authorisation are one closed table (message type -> senders allowed ->
 handler), in the manner of OpenSSH's monitor: a message from a sender its row does
-not name is dropped and logged. A sender is the ZeroMQ identity of a connection in
-the 0700 runtime dir, and a Hello/Heartbeat must also carry the pid we spawned.
+not name is dropped and logged. A sender is the worker whose spawned pid the kernel
+reports for the connection (ipc/channel.py), never a name the peer gives; a
+Hello/Heartbeat must also carry that pid.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-
-import zmq
 
 from ..config import ClientConfig
 from ..ipc import messages
@@ -64,6 +63,8 @@ class Supervisor:
             messages.ExecRequest: (frozenset({"mqtt"}), lambda s, m: self.executor.request(m)),
             messages.ExecQuery: (frozenset({"mqtt"}), lambda s, m: self.executor.query(m)),
         }
+        channel.worker_of_pid = self._worker_of_pid
+        loop.add_reader(channel.zap, channel.on_zap)
         loop.add_reader(channel.sock, self._on_ipc)
         logging.getLogger().addHandler(SinkHandler(self._own_log))
 
@@ -108,6 +109,7 @@ class Supervisor:
         policy = self.policies[worker]
         if pid != policy.pid:
             return
+        self.channel.forget(worker)
         level = logging.INFO if policy.shutting_down else logging.WARNING
         log.log(level, "worker %s (pid %d) %s", worker, pid, what)
         self._event(worker, Event.EXITED)
@@ -132,25 +134,28 @@ class Supervisor:
         )
 
     # -- IPC ---------------------------------------------------------------------------
+    def _worker_of_pid(self, pid: int) -> str | None:
+        """The worker whose current process has this pid (the policy's pid is set when it is
+        spawned, before the child can connect, and cleared when it is reaped)."""
+        for name, policy in self.policies.items():
+            if policy.pid == pid:
+                return name
+        return None
+
     def _on_ipc(self) -> None:
-        while True:
-            try:
-                got = self.channel.recv()
-            except zmq.Again:
-                return
-            if got is None:
-                continue
-            sender, msg = got
+        for sender, msg in self.channel.drain():
             route = self.routes.get(type(msg))
             if route is None or sender not in route[0]:
-                log.warning("dropped %s from %r: not allowed for that sender", type(msg).__name__, sender[:32])
+                self.channel.drops.warn(self.policies[sender].pid, "dropped %s from %s: not allowed for that sender",
+                                        type(msg).__name__, sender)
                 continue
             route[1](sender, msg)
 
     def _from_current(self, sender: str, msg: messages.Hello | messages.Heartbeat) -> bool:
         policy = self.policies[sender]
         if msg.worker != sender or msg.pid != policy.pid:
-            log.warning("dropped %s from %r claiming %s pid %d", type(msg).__name__, sender, msg.worker, msg.pid)
+            self.channel.drops.warn(policy.pid, "dropped %s from %s claiming %s pid %d", type(msg).__name__, sender,
+                                    msg.worker[:32], msg.pid)
             return False
         return True
 

@@ -6,6 +6,10 @@ that same loop: if the loop is stuck, the heartbeats stop and the supervisor rep
 the worker. It dies with its supervisor: ``PR_SET_PDEATHSIG`` delivers SIGTERM when
 the parent goes, and each heartbeat also checks the parent pid (a belt for the case
 where the supervisor died before the prctl took effect).
+
+A worker makes itself non-dumpable first thing (exec made it dumpable again): a dumpable
+process's environment (the MQTT worker's holds the broker password) and memory are open to
+every process of the same uid.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..config import ClientConfig, ConfigError, load_config
 from ..ipc import messages
 from ..ipc.channel import WorkerChannel
 from ..loop import Loop
+from ..supervisor.process import make_non_dumpable
 
 PR_SET_PDEATHSIG = 1
 SUPERVISOR_PID_VAR = "INFOSCREEN_SUPERVISOR_PID"
@@ -52,6 +57,7 @@ class Worker:
     name = "worker"
 
     def __init__(self) -> None:
+        make_non_dumpable()
         self.parent_pid = die_with_parent()
         self.log = logsetup.setup(f"infoscreen-{self.name}")
         try:
@@ -61,7 +67,7 @@ class Worker:
             sys.exit(EXIT_CONFIG)
         self.loop = Loop()
         self.ctx = zmq.Context.instance()
-        self.channel = WorkerChannel(self.ctx, self.cfg.runtime_dir, self.name)
+        self.channel = WorkerChannel(self.ctx, self.cfg.runtime_dir, self.name, supervisor_pid=self.parent_pid)
         self.loop.add_reader(self.channel.sock, self._on_ipc)
         self.loop.add_signal_handler(signal.SIGTERM, self.stop)
         self.loop.add_signal_handler(signal.SIGINT, self.stop)

@@ -22,7 +22,11 @@ HELPER = "infoscreen-helper@.service"
 HELPER_SOCKET = "infoscreen-helper.socket"
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
-EXPOSURE_TARGET = {CLIENT: 2.0, NOTIFY: 2.0, HELPER: 1.5}
+EXPOSURE_TARGET = {CLIENT: 1.2, NOTIFY: 2.0, HELPER: 1.5}
+# The client's exposure once the installer's broker drop-in adds a non-loopback address to the IP
+# allow list (systemd scores "non-localhost entries" 0.1 above "only localhost entries").
+CLIENT_WITH_BROKER_TARGET = 1.3
+BROKER_DROP_IN = "[Service]\nIPAddressAllow=192.0.2.10 2001:db8::10\n"
 
 
 def unit(name: str) -> configparser.ConfigParser:
@@ -41,38 +45,92 @@ def seconds(text: str) -> float:
 @needs_analyze
 @pytest.mark.parametrize("name", sorted(EXPOSURE_TARGET))
 def test_exposure_within_target(name: str):
-    r = subprocess.run(
-        [ANALYZE, "security", "--offline=yes", "--no-pager", str(UNITS / name)], capture_output=True, text=True
-    )
+    assert exposure(str(UNITS / name)) <= EXPOSURE_TARGET[name]
+
+
+def exposure(*args: str) -> float:
+    r = subprocess.run([ANALYZE, "security", "--offline=yes", "--no-pager", *args], capture_output=True, text=True)
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout + r.stderr)
     assert m, r.stdout + r.stderr
-    assert float(m.group(1)) <= EXPOSURE_TARGET[name], r.stdout
+    return float(m.group(1))
+
+
+def scratch_root(root: Path, drop_ins: dict[str, str] | None = None) -> Path:
+    """A root with the host's unit tree, the units of systemd/ in /etc and stand-in programs."""
+    bindir = root / "opt/infoscreen/venv/bin"
+    bindir.mkdir(parents=True)
+    for prog in ("infoscreen-simclient", "infoscreen-notify-failure", "infoscreen-helper", "python"):
+        (bindir / prog).write_text("#!/bin/sh\n")
+        (bindir / prog).chmod(0o755)
+    (root / "usr/lib/systemd").mkdir(parents=True)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    etc = root / "etc/systemd/system"
+    etc.mkdir(parents=True)
+    for f in UNITS.iterdir():
+        if f.suffix in (".service", ".socket"):
+            shutil.copy2(f, etc / f.name)
+    for rel, text in (drop_ins or {}).items():
+        (etc / rel).parent.mkdir(parents=True, exist_ok=True)
+        (etc / rel).write_text(text)
+    return root
+
+
+needs_unit_tree = pytest.mark.skipif(not Path("/usr/lib/systemd/system/sysinit.target").exists(),
+                                     reason="no systemd unit tree")
 
 
 @needs_analyze
-@pytest.mark.skipif(not Path("/usr/lib/systemd/system/sysinit.target").exists(), reason="no systemd unit tree")
+@needs_unit_tree
 @pytest.mark.parametrize(
     "name",
     [CLIENT, "infoscreen-notify-failure@infoscreen-simclient.service.service", HELPER_SOCKET, "infoscreen-helper@0.service"],
 )
 def test_verify_in_a_scratch_root(tmp_path: Path, name: str):
     """What `systemd-analyze verify` says on a device (the e2e suite runs it there too)."""
-    bindir = tmp_path / "opt/infoscreen/venv/bin"
-    bindir.mkdir(parents=True)
-    for prog in ("infoscreen-simclient", "infoscreen-notify-failure", "infoscreen-helper", "python"):
-        (bindir / prog).write_text("#!/bin/sh\n")
-        (bindir / prog).chmod(0o755)
-    (tmp_path / "usr/lib/systemd").mkdir(parents=True)
-    shutil.copytree("/usr/lib/systemd/system", tmp_path / "usr/lib/systemd/system", symlinks=True)
-    etc = tmp_path / "etc/systemd/system"
-    etc.mkdir(parents=True)
-    for f in UNITS.iterdir():
-        if f.suffix in (".service", ".socket"):
-            shutil.copy2(f, etc / f.name)
+    scratch_root(tmp_path)
     r = subprocess.run(
         [ANALYZE, "verify", f"--root={tmp_path}", f"/etc/systemd/system/{name}"], capture_output=True, text=True
     )
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+@needs_analyze
+@needs_unit_tree
+def test_the_installers_broker_drop_in(tmp_path: Path):
+    """The drop-in scripts/install-device writes for the broker's addresses: verify stays clean, the
+    deny stays, and the exposure moves only by the allow list's non-loopback entry."""
+    scratch_root(tmp_path, {f"{CLIENT}.d/broker.conf": BROKER_DROP_IN})
+    r = subprocess.run([ANALYZE, "verify", f"--root={tmp_path}", f"/etc/systemd/system/{CLIENT}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    assert exposure(f"--root={tmp_path}", CLIENT) <= CLIENT_WITH_BROKER_TARGET
+    s = unit(CLIENT)["Service"]
+    assert s["IPAddressDeny"] == "any" and s["IPAddressAllow"] == "localhost"
+
+
+def size_bytes(text: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMG]?)", text.strip())
+    assert m, text
+    return int(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)]
+
+
+def test_client_unit_limits_fit_the_real_tree_with_headroom(tree_factory, broker, device_uuid):
+    """MemoryMax=, TasksMax=, LimitNOFILE= against what a real tree uses once connected: at least
+    3x (memory, tasks) and 10x (descriptors, per process) the measured use, and still a bound."""
+    import psutil
+
+    s = unit(CLIENT)["Service"]
+    memory_max, tasks_max, nofile = size_bytes(s["MemoryMax"]), int(s["TasksMax"]), int(s["LimitNOFILE"])
+    tree = tree_factory(broker, device_uuid).start()
+    tree.notify.wait_status(lambda st: "broker=connected" in st, timeout=15)
+    procs = [psutil.Process(p) for p in (tree.pid, *tree.workers().values())]
+    assert len(procs) == 3
+    rss = sum(p.memory_info().rss for p in procs)
+    tasks = sum(p.num_threads() for p in procs)
+    fds = max(p.num_fds() for p in procs)
+    assert 3 * rss <= memory_max <= 512 * 2**20, (rss, memory_max)
+    assert 3 * tasks <= tasks_max <= 64, (tasks, tasks_max)
+    assert 10 * fds <= nofile <= 4096, (fds, nofile)
 
 
 def test_client_unit_essentials():

@@ -8,6 +8,7 @@ mid-read), so one bad probe never costs the report or the worker.
 from __future__ import annotations
 
 import os
+import pwd
 import time
 from pathlib import Path
 
@@ -22,6 +23,27 @@ RUNNING_STATUSES = {
 }
 
 
+def uid_as_seen_here(host_uid: int) -> int:
+    """The uid the kernel shows this process for ``host_uid``: itself in the initial user namespace.
+    Under the unit's PrivateUsers=yes only root and the service's own uid are mapped, and every
+    other uid shows as the overflow uid (nobody): the display's user then looks like any other
+    foreign user, but never like the service's own uid, which is what the owner check is for."""
+    try:
+        lines = Path("/proc/self/uid_map").read_text().splitlines()
+    except OSError:
+        return host_uid
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 3 and all(p.isdigit() for p in parts):
+            inside, outside, count = (int(p) for p in parts)
+            if outside <= host_uid < outside + count:
+                return inside + host_uid - outside
+    try:
+        return int(Path("/proc/sys/kernel/overflowuid").read_text())
+    except (OSError, ValueError):
+        return 65534
+
+
 def _status_of(proc: psutil.Process) -> str:
     st = proc.status()
     if st in RUNNING_STATUSES:
@@ -34,15 +56,47 @@ def _status_of(proc: psutil.Process) -> str:
 
 
 class DisplayProbe:
-    """Finds the display process by pidfile or by name; remembers it between reports."""
+    """Finds the display process by pidfile or by name; remembers it between reports.
 
-    def __init__(self, name: str, pidfile: str | None = None) -> None:
+    With ``user`` (DISPLAY_PROCESS_USER, a user name or uid) only a process whose real uid is that
+    user's is the display: any process of the tree's own uid could take the display's name, but
+    not another user's uid. The real uid, not the effective one, because a setuid program changes
+    only the latter. An unknown user is a probe error (status unknown), never a match. The uid is
+    compared as the kernel shows it in our user namespace (:func:`uid_as_seen_here`).
+    """
+
+    def __init__(self, name: str, pidfile: str | None = None, user: str | None = None) -> None:
         self.name = name
         self.pidfile = pidfile
+        self.user = user
+        self._uid: int | None = None
         self._proc: psutil.Process | None = None
 
-    def _matches(self, proc: psutil.Process) -> bool:
+    def owner_uid(self) -> int | None:
+        """The uid the display must show as here (None: any); raises LookupError for an unknown user."""
+        if self.user is None:
+            return None
+        if self._uid is None:
+            if self.user.isascii() and self.user.isdigit():
+                host_uid = int(self.user)
+            else:
+                try:
+                    host_uid = pwd.getpwnam(self.user).pw_uid
+                except KeyError:
+                    raise LookupError(f"DISPLAY_PROCESS_USER {self.user[:64]!r} is not a user here") from None
+            self._uid = uid_as_seen_here(host_uid)
+            if self._uid == os.getuid() and host_uid != os.getuid():
+                # Cannot happen with a sane mapping; if it did, our own processes would pass.
+                raise LookupError("DISPLAY_PROCESS_USER cannot be told from our own uid here")
+        return self._uid
+
+    def _owned(self, proc: psutil.Process, uid: int | None) -> bool:
+        return uid is None or proc.uids().real == uid
+
+    def _matches(self, proc: psutil.Process, uid: int | None) -> bool:
         try:
+            if not self._owned(proc, uid):
+                return False
             if proc.name() == self.name:
                 return True
             cmdline = proc.cmdline()
@@ -51,19 +105,21 @@ class DisplayProbe:
             return False
 
     def _find(self) -> psutil.Process | None:
+        uid = self.owner_uid()
         if self.pidfile:
             try:
                 pid = int(Path(self.pidfile).read_text().strip())
             except (OSError, ValueError):
                 return None
             try:
-                return psutil.Process(pid)
+                proc = psutil.Process(pid)
+                return proc if self._owned(proc, uid) else None
             except psutil.NoSuchProcess:
                 return None
-        if self._proc is not None and self._proc.is_running() and self._matches(self._proc):
+        if self._proc is not None and self._proc.is_running() and self._matches(self._proc, uid):
             return self._proc  # the common case: no scan of every process
         for proc in psutil.process_iter():
-            if self._matches(proc):
+            if self._matches(proc, uid):
                 return proc
         return None
 

@@ -15,7 +15,8 @@ class HealthWorker(Worker):
     name = "health"
 
     def setup(self) -> None:
-        self.display = DisplayProbe(self.cfg.display_process_name, self.cfg.display_pidfile)
+        self.display = DisplayProbe(self.cfg.display_process_name, self.cfg.display_pidfile,
+                                    self.cfg.display_process_user)
         disk = str(self.cfg.state_dir) if self.cfg.state_dir.exists() else "/"
         self.host = HostProbe(disk, self.cfg.boot_id_file)
         # The first report soon after start (the MQTT worker publishes health at once),
