@@ -58,6 +58,9 @@ class FakeSupervisor:
         prepare_runtime_dir(runtime_dir)
         self.ctx = zmq.Context()
         self.ch = SupervisorChannel(self.ctx, runtime_dir)
+        # Admitted by the kernel-reported pid, like the real supervisor: WorkerProc.start sets it.
+        self.worker_pid: int | None = None
+        self.ch.worker_of_pid = lambda pid: "mqtt" if pid == self.worker_pid else None
         self.msgs: list[tuple[float, messages.Msg]] = []
         self.cond = threading.Condition()
         # answer(ExecRequest) -> ExecResult | None (None: leave it unanswered)
@@ -77,6 +80,7 @@ class FakeSupervisor:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.ch.sock, zmq.POLLIN)
+        poller.register(self.ch.zap, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
         while True:
             events = dict(poller.poll())
@@ -90,7 +94,9 @@ class FakeSupervisor:
                         self.ch.close()
                         self._wake_rx.close(linger=0)
                         return
-                    self.ch.sock.send_multipart([b"mqtt", frame], flags=zmq.NOBLOCK)
+                    self.ch.send("mqtt", messages.decode(frame))
+            if self.ch.zap in events:
+                self.ch.on_zap()
             if self.ch.sock in events:
                 self._drain()
 
@@ -189,6 +195,7 @@ class WorkerProc:
             )
         self.starts += 1
         pid = self.proc.pid
+        self.sup.worker_pid = pid
         try:
             self.sup.wait_for(lambda m: isinstance(m, messages.Hello) and m.pid == pid, timeout, mark, "Hello")
             if wait_connected:
