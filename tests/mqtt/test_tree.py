@@ -18,6 +18,9 @@ def _server(broker, uuid) -> Server:
 
 def test_commands_through_the_whole_tree(broker, device_uuid, tree_factory):
     tree = tree_factory(broker, device_uuid).start()
+    # READY says the workers are up, not that the first connection to the broker is made: a
+    # command published before the worker subscribed would reach nobody.
+    tree.notify.wait_status(lambda s: "broker=connected" in s, timeout=15)
     srv = _server(broker, device_uuid)
     try:
         srv.subscribe(f"infoscreen/{device_uuid}/health")

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from infoscreen.supervisor.process import PROCESS_VARS, WORKER_VARS
+from tests.support.waiting import wait_until
 
 CANARIES = {"AWS_SECRET_ACCESS_KEY": "canary-aws", "INFOSCREEN_CANARY": "canary-inf", "HOME": "/root"}
 
@@ -113,6 +114,8 @@ def test_no_process_of_the_tree_is_dumpable(tree_factory, broker, device_uuid, n
     control = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
                                env={"PYTHONPATH": str(no_caps_site), "SECRET": "x"})
     try:
+        # Its sitecustomize drops the capabilities as it starts: probe it only once it has.
+        wait_until(lambda: cap_eff(control.pid) == 0, 10, what="control without capabilities")
         result = run_probe(no_caps_site, [control.pid, *pids])
     finally:
         control.stdin.close()
