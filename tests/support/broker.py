@@ -27,6 +27,7 @@ import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import weakref
@@ -330,7 +331,7 @@ class MosquittoBroker:
         # connection and logs it, so one connection, logged, proves the loop runs (and that the
         # listener is bound).
         try:
-            socket.create_connection((self.host, self.port), timeout=2).close()
+            self._touch(timeout=2)
         except OSError as exc:
             self._terminate(proc, 0)
             return False, f"port not accepting connections: {exc}\n" + self._log_since(mark)
@@ -369,9 +370,19 @@ class MosquittoBroker:
         if self._port is None:
             return
         try:
-            socket.create_connection((self.host, self._port), timeout=0.5).close()
+            self._touch(timeout=0.5)
         except OSError:
             pass
+
+    def _touch(self, timeout: float) -> None:
+        """One connection, closed again. On a TLS listener with a full handshake, so that the
+        broker's log shows no failed one."""
+        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+            if self.ca_file is not None:
+                ctx = ssl.create_default_context(cafile=self.ca_file)
+                ctx.check_hostname = False  # only the broker's loop is probed here, not its name
+                with ctx.wrap_socket(sock) as tls:
+                    tls.unwrap()
 
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM (mosquitto saves its database), SIGKILL after `timeout`; waits for the exit.
