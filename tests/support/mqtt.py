@@ -76,6 +76,7 @@ class Message:
     retain: bool
     properties: Any
     received_at: float  # time.monotonic()
+    dup: bool = False  # a redelivery of a message sent before and not acknowledged
 
     @property
     def text(self) -> str:
@@ -141,6 +142,7 @@ class MqttProbe:
         self._acks: dict[int, Any] = {}  # mid -> result of SUBACK / UNSUBACK / PUBACK
         self._connack: int | None = None
         self.connack_properties: Any = None  # the last CONNACK's MQTT 5 properties (limits the broker set)
+        self.session_present: bool | None = None  # the last CONNACK's flag: the broker resumed a session
         self._connected = False
         self._disconnects = 0
         self._loop_running = False
@@ -167,6 +169,7 @@ class MqttProbe:
         with self._cond:
             self._connack = _rc(reason_code)
             self.connack_properties = properties
+            self.session_present = bool(getattr(flags, "session_present", False))
             self._connected = self._connack == 0
             self._cond.notify_all()
 
@@ -184,6 +187,7 @@ class MqttProbe:
             retain=bool(msg.retain),
             properties=getattr(msg, "properties", None),
             received_at=time.monotonic(),
+            dup=bool(getattr(msg, "dup", False)),
         )
         with self._cond:
             self._msgs.append(m)
