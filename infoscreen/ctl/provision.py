@@ -232,7 +232,8 @@ def _san_entry(name: str) -> str:
     except ValueError:
         pass
     if not _DNS_RE.match(name):
-        raise ProvisionError(f"--tls-san: not a host name or IP address: {name!r}")
+        raise ProvisionError(f"not a host name or IP address for the broker's certificate (--broker-host, "
+                             f"--listen, --tls-san): {name!r}")
     return f"DNS:{name.lower()}"
 
 
