@@ -1,20 +1,27 @@
 """`infoscreenctl broker provision`: a hardened Mosquitto 2 configuration in one command.
 
-From a list of device UUIDs it writes, into one directory:
+From a list of device UUIDs it writes, into one directory (OUT):
 
-- ``mosquitto.conf``: one listener, anonymous access off, password and ACL files, TCP_NODELAY,
-  persistence inside the directory, bounded queues and message sizes;
-- ``passwd``: one account per device plus the server account, hashed exactly as
-  ``mosquitto_passwd`` 2.0 writes them (``$7$101$<b64 salt>$<b64 PBKDF2-SHA512>``);
-- ``acl``: the seed's ACL table, spelled out per device (explicit topics, never ``%c``/``%u``
-  patterns), with reads restricted too, plus CONTRACT.md's one deliberate change (the server may
-  write ``service_failed`` to clear the retained alert);
-- ``devices/<uuid>.env`` (mode 0600) and ``server.env`` (mode 0600): the credentials, which are
-  never printed.
+- ``mosquitto.conf``: one listener (TLS by default), anonymous access off, the accounts and the
+  ACL, TCP_NODELAY, persistence inside OUT, and limits that bound what one client can cost;
+- ``dynamic-security.json``: the accounts, for Mosquitto's dynamic-security plugin: one per device
+  plus the server account, passwords hashed as the plugin expects (PBKDF2-SHA512), and each device
+  account **bound to its client id** (= its CLIENT_UUID), so a stolen device password cannot take
+  another screen's connection over. The plugin grants nothing itself;
+- ``acl``: the ACL table of the contract, spelled out per device (explicit topics, never
+  ``%c``/``%u`` patterns), with reads restricted too, plus the contract's one deliberate change
+  (the server may write ``service_failed`` to clear the retained alert);
+- ``tls/ca.crt``, ``tls/ca.key`` (0600), ``tls/server.crt``, ``tls/server.key`` (0600): a fleet
+  CA made here and the broker's certificate signed by it (``openssl``, fixed argv, no shell);
+  not with ``--plaintext``, nor with ``--tls-cert``/``--tls-key`` (certificates of your own);
+- ``devices/<uuid>.env`` (0600): the device's variables, its password included;
+  ``devices/<uuid>.command.key`` (0600): the device's copy of its command key (installed on the
+  screen as /etc/infoscreen/command.key); ``keys/<uuid>.key`` (0600, directory 0700): the server's
+  copy; ``server.env`` (0600): the server account, and ``INFOSCREEN_COMMAND_KEYS`` naming ``keys/``.
 
-Re-running on an existing directory keeps every existing password (they are read back from the env
-files), so adding a device does not rotate the others' credentials. A device dropped from the list
-loses its account and its env file.
+Re-running on an existing directory keeps every password (read back from the env files), every
+command key and the fleet CA, so adding a device changes nothing for the others. A device dropped
+from the list loses its account, its env file and its key files.
 
 The test fixture (``tests/support/broker.py``) generates its brokers with this same code.
 """
@@ -24,17 +31,24 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import glob
 import hashlib
 import hmac
+import ipaddress
+import json
 import os
 import pwd
 import re
 import secrets
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from infoscreen.wire import signing
 
 __all__ = [
     "DEFAULT_SERVER_USER",
@@ -56,22 +70,53 @@ __all__ = [
 DEFAULT_SERVER_USER = "infoscreen-server"
 DEVICE_USER_PREFIX = "infoscreen-client-"
 DEFAULT_BROKER_SYSTEM_USER = "mosquitto"
+TLS_PORT, PLAIN_PORT = 8883, 1883
 
-# mosquitto_passwd 2.0: PBKDF2-HMAC-SHA512, 101 iterations, 12-byte salt, 64-byte digest.
-PW_SHA512_PBKDF2 = 7
+# The dynamic-security plugin of Mosquitto 2.0: PBKDF2-HMAC-SHA512 over a 12-byte salt, a 64-byte
+# digest, both base64 in the JSON. 101 iterations is the plugin's own default; the passwords are
+# 256 random bits, which no iteration count makes more or less guessable.
 PW_ITERATIONS = 101
 PW_SALT_LEN = 12
+PW_HASH_LEN = 64
 
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9.:_\[\]-]+$")
+_DNS_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 
 CONF_NAME = "mosquitto.conf"
-PASSWD_NAME = "passwd"
+DYNSEC_NAME = "dynamic-security.json"
 ACL_NAME = "acl"
 SERVER_ENV_NAME = "server.env"
 DEVICES_DIR = "devices"
+KEYS_DIR = "keys"
+TLS_DIR = "tls"
 DATA_DIR = "data"
+COMMAND_KEY_SUFFIX = ".command.key"
+
+# Where Debian (and a default source build) put the plugin; --dynsec-plugin names another.
+DYNSEC_PLUGIN_GLOBS = (
+    "/usr/lib/*/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/*/mosquitto_dynamic_security.so",
+)
+
+# Broker limits that bound one client. The worker advertises the same Maximum Packet Size.
+MAX_PACKET_SIZE = 262144
+MAX_QUEUED_MESSAGES = 1000
+MAX_QUEUED_BYTES = 1048576
+MAX_INFLIGHT_MESSAGES = 20
+MAX_KEEPALIVE_S = 120
+MAX_TOPIC_ALIAS = 10
+SESSION_EXPIRY = "7d"
+
+# The fleet PKI: validity in days; a kept server certificate is re-issued when it would expire
+# within RENEW_BEFORE_S, or no longer names every host it must.
+CA_DAYS = 3650
+SERVER_DAYS = 825
+RENEW_BEFORE_S = 30 * 86400
+OPENSSL_TIMEOUT_S = 30
 
 
 class ProvisionError(Exception):
@@ -82,31 +127,30 @@ class ProvisionError(Exception):
 # Passwords
 
 
-def hash_password(password: str, *, salt: bytes | None = None, iterations: int = PW_ITERATIONS) -> str:
-    """The hash field of a Mosquitto 2.0 password file line (``$7$101$salt$digest``)."""
+def hash_password(password: str, *, salt: bytes | None = None, iterations: int = PW_ITERATIONS) -> dict:
+    """The password fields of a dynamic-security client: ``salt``, ``password`` (the hash) and
+    ``iterations``, as the plugin reads them."""
     if salt is None:
         salt = secrets.token_bytes(PW_SALT_LEN)
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations)
-    return "${}${}${}${}".format(
-        PW_SHA512_PBKDF2,
-        iterations,
-        base64.b64encode(salt).decode("ascii"),
-        base64.b64encode(digest).decode("ascii"),
-    )
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations, PW_HASH_LEN)
+    return {
+        "salt": base64.b64encode(salt).decode("ascii"),
+        "password": base64.b64encode(digest).decode("ascii"),
+        "iterations": iterations,
+    }
 
 
-def verify_password(password: str, hashed: str) -> bool:
-    """True when `hashed` (a ``$7$`` field as mosquitto_passwd writes it) matches `password`."""
-    parts = hashed.split("$")
-    if len(parts) != 5 or parts[0] != "" or parts[1] != str(PW_SHA512_PBKDF2):
-        return False
+def verify_password(password: str, entry: dict) -> bool:
+    """True when `entry` (a dynamic-security client's password fields) matches `password`."""
     try:
-        iterations = int(parts[2])
-        salt = base64.b64decode(parts[3], validate=True)
-        digest = base64.b64decode(parts[4], validate=True)
-    except ValueError:
+        iterations = entry["iterations"]
+        salt = base64.b64decode(entry["salt"], validate=True)
+        digest = base64.b64decode(entry["password"], validate=True)
+    except (KeyError, TypeError, ValueError):
         return False
-    candidate = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations)
+    if not isinstance(iterations, int) or not 1 <= iterations <= 10_000_000 or len(salt) != PW_SALT_LEN:
+        return False
+    candidate = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations, PW_HASH_LEN)
     return hmac.compare_digest(candidate, digest)
 
 
@@ -120,7 +164,7 @@ def new_password() -> str:
 
 
 def device_username(uuid: str) -> str:
-    """The seed's account name convention: ``infoscreen-client-<first 8 hex of the uuid>``."""
+    """The contract's account name convention: ``infoscreen-client-<first 8 hex of the uuid>``."""
     return DEVICE_USER_PREFIX + uuid[:8].lower()
 
 
@@ -180,20 +224,34 @@ def parse_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
     return env
 
 
+def _san_entry(name: str) -> str:
+    """``IP:...`` or ``DNS:...`` for a subjectAltName; anything else is refused (the value goes
+    into an openssl configuration file: no comma, newline or other syntax may pass)."""
+    try:
+        return f"IP:{ipaddress.ip_address(name.strip('[]'))}"
+    except ValueError:
+        pass
+    if not _DNS_RE.match(name):
+        raise ProvisionError(f"not a host name or IP address for the broker's certificate (--broker-host, "
+                             f"--listen, --tls-san): {name!r}")
+    return f"DNS:{name.lower()}"
+
+
 # --------------------------------------------------------------------------------------------
 # Output
 
 
 @dataclasses.dataclass(frozen=True)
 class Provisioned:
-    """What `provision` wrote. Holds secrets: never print or log an instance's passwords."""
+    """What `provision` wrote. Holds secrets: never print or log an instance's passwords or keys."""
 
     out_dir: Path
     conf_path: Path
-    passwd_path: Path
+    dynsec_path: Path
     acl_path: Path
     server_env_path: Path
     data_dir: Path
+    keys_dir: Path
     listen: str
     port: int
     broker_host: str
@@ -201,12 +259,24 @@ class Provisioned:
     server_password: str = dataclasses.field(repr=False)
     devices: tuple[str, ...]
     device_passwords: dict[str, str] = dataclasses.field(repr=False)
+    command_keys: dict[str, bytes] = dataclasses.field(repr=False)
+    tls: bool = False
+    ca_file: Path | None = None  # the CA server.env pins (the generated fleet CA, or --tls-ca)
     created: tuple[str, ...] = ()  # devices given a new password by this run
     kept: tuple[str, ...] = ()  # devices whose existing password was kept
-    removed: tuple[str, ...] = ()  # devices whose env file was removed (no longer listed)
+    removed: tuple[str, ...] = ()  # devices whose files were removed (no longer listed)
+    tls_files: tuple[str, ...] = ()  # what happened to the fleet PKI: "ca created", "server kept", ...
 
     def device_env_path(self, uuid: str) -> Path:
         return self.out_dir / DEVICES_DIR / f"{uuid}.env"
+
+    def device_key_path(self, uuid: str) -> Path:
+        """The device's copy of its command key (to be installed as /etc/infoscreen/command.key)."""
+        return self.out_dir / DEVICES_DIR / f"{uuid}{COMMAND_KEY_SUFFIX}"
+
+    def server_key_path(self, uuid: str) -> Path:
+        """The server's copy: ``<INFOSCREEN_COMMAND_KEYS>/<uuid>.key``."""
+        return self.keys_dir / f"{uuid}.key"
 
     def device_user(self, uuid: str) -> str:
         return device_username(uuid)
@@ -242,11 +312,11 @@ def _acl_text(devices: Sequence[str], server_user: str) -> str:
     w = out.append
     w("# Mosquitto ACL generated by `infoscreenctl broker provision`.")
     w("#")
-    w("# The seed's ACL table, plus CONTRACT.md's one deliberate change (see the server block).")
+    w("# The contract's ACL table, plus its one deliberate change (see the server block).")
     w("# Every device gets explicit per-user topics. No `pattern` lines with %c: the client id is")
-    w("# chosen by the connecting client, so a device could pick another device's id and read or")
-    w("# write its topics; %u would work but keeps the uuid out of the file, and explicit lines")
-    w("# make this file the reviewable statement of who may do what.")
+    w("# chosen by the connecting client; %u would work but keeps the uuid out of the file, and")
+    w("# explicit lines make this file the reviewable statement of who may do what. (Each device")
+    w("# account is moreover bound to its own client id, in dynamic-security.json.)")
     w("# Nothing is granted outside a `user` block, so an anonymous client (also refused by")
     w("# allow_anonymous false) or an unknown account could do nothing at all.")
     w("# Reads are restricted too: a device reads only its own command topics and its group id, plus")
@@ -258,7 +328,7 @@ def _acl_text(devices: Sequence[str], server_user: str) -> str:
     w("# ---- server account ------------------------------------------------------------------")
     w("# Publishes commands (canonical topic and transitional alias), group ids, group events and")
     w("# power intents for every device; reads what devices publish.")
-    w("# Deliberate change to the seed's table (CONTRACT.md): the server may also WRITE")
+    w("# Deliberate change to the contract's table: the server may also WRITE")
     w("# infoscreen/+/service_failed, so it can clear the retained alert with an empty retained")
     w("# publish. A broker ACL cannot restrict a write to empty payloads, so this is a full write.")
     w(f"user {server_user}")
@@ -294,6 +364,34 @@ def _acl_text(devices: Sequence[str], server_user: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _dynsec_text(accounts: Sequence[tuple[str, str | None, dict]]) -> str:
+    """The dynamic-security plugin's file: (username, bound client id or None, password fields).
+
+    It holds identities only. With no roles and every default access false the plugin answers
+    no ACL question itself and defers each to the acl file; were that file missing, everything
+    would be refused (the broker denies what every check deferred)."""
+    clients = []
+    for username, clientid, pw in accounts:
+        entry: dict = {"username": username}
+        if clientid is not None:
+            entry["clientid"] = clientid
+        entry.update(pw)
+        entry["roles"] = []
+        clients.append(entry)
+    doc = {
+        "defaultACLAccess": {
+            "publishClientSend": False,
+            "publishClientReceive": False,
+            "subscribe": False,
+            "unsubscribe": False,
+        },
+        "clients": clients,
+        "groups": [],
+        "roles": [],
+    }
+    return json.dumps(doc, indent=2) + "\n"
+
+
 def _conf_text(
     *,
     out_dir: Path,
@@ -302,18 +400,25 @@ def _conf_text(
     run_as_user: str,
     autosave_interval: int,
     log_types: Sequence[str],
-    tls: tuple[str, str] | None = None,
+    dynsec_plugin: str,
+    tls: tuple[str, str] | None,
+    generated_ca: bool,
 ) -> str:
     data_dir = out_dir / DATA_DIR
-    tls_lines = [
-        "# TLS on the listener: clients verify this certificate (CA and host name); no clear text.",
-        f"certfile {tls[0]}",
-        f"keyfile {tls[1]}",
-        "tls_version tlsv1.2",
-    ] if tls else [
-        "# No TLS on this listener (provision with --tls-cert/--tls-key for one): keep it on a",
-        "# trusted network, or loopback.",
-    ]
+    if tls and generated_ca:
+        tls_lines = [
+            "# TLS on the listener, with a certificate of the fleet CA in tls/ (made by provision);",
+            "# every client pins that CA (MQTT_CA_FILE) and checks the host name. No clear text.",
+        ]
+    elif tls:
+        tls_lines = ["# TLS on the listener: clients verify this certificate (CA and host name); no clear text."]
+    else:
+        tls_lines = [
+            "# No TLS on this listener (--plaintext): passwords and commands cross the network in",
+            "# clear. Keep it on loopback or a network you trust entirely.",
+        ]
+    if tls:
+        tls_lines += [f"certfile {tls[0]}", f"keyfile {tls[1]}", "tls_version tlsv1.2"]
     lines = [
         "# Mosquitto 2 configuration generated by `infoscreenctl broker provision`.",
         "",
@@ -321,10 +426,24 @@ def _conf_text(
         "per_listener_settings false",
         f"listener {port} {listen}",
         *tls_lines,
+        f"# MQTT 5 topic aliases are a table the broker keeps per connection: at most {MAX_TOPIC_ALIAS}",
+        "# (Mosquitto's default, written down) so that one client cannot make it large.",
+        f"max_topic_alias {MAX_TOPIC_ALIAS}",
         "",
-        "# Only the provisioned accounts; the ACL decides what each may read and write.",
+        "# Only the provisioned accounts. Every client names itself: a broker-assigned id could",
+        "# never be a device's own (see the binding below) nor resume a persistent session.",
         "allow_anonymous false",
-        f"password_file {out_dir / PASSWD_NAME}",
+        "allow_zero_length_clientid false",
+        "# The accounts: the dynamic-security plugin checks the password (PBKDF2-SHA512) and, for a",
+        "# device account, that the client id is the device's CLIENT_UUID, before the broker looks",
+        "# at an existing connection with that id. So a device's password lets no one take another",
+        "# device's connection or persistent session over. The server account is not bound: the",
+        "# server, `infoscreenctl send`, `watch` and `alerts` use it at the same time, each with",
+        "# its own client id. Nothing can change the accounts at run time: no account may write",
+        "# the plugin's $CONTROL topic (the ACL grants it to none).",
+        f"plugin {dynsec_plugin}",
+        f"plugin_opt_config_file {out_dir / DYNSEC_NAME}",
+        "# What each account may read and write: the plugin defers every such question here.",
         f"acl_file {out_dir / ACL_NAME}",
         "",
         "# Without TCP_NODELAY every hop waits on Nagle's algorithm: about 88 ms instead of 0.4 ms",
@@ -341,16 +460,28 @@ def _conf_text(
         "persistence_file mosquitto.db",
         f"autosave_interval {autosave_interval}",
         "autosave_on_changes false",
-        "# A device or server session offline for a week is forgotten with its queue.",
-        "persistent_client_expiration 7d",
         "",
-        "# Bounded queues and sizes: commands and acks are tiny JSON documents (the client bounds",
-        "# what it accepts too); an offline session keeps at most 1000 messages.",
-        "max_queued_messages 1000",
-        "max_inflight_messages 20",
-        "# A payload limit (an oversized message is refused, the connection kept); mosquitto notes",
-        "# at start that max_packet_size is the newer option, which disconnects instead.",
-        "message_size_limit 65536",
+        "# ---- limits that bound what one client (one stolen password) can cost the broker ----",
+        "# A session offline for a week is forgotten with its queue: the worker asks for 7 days",
+        "# (MQTT 5 Session Expiry), and this caps whatever a client asks for, MQTT 3.1.1 included.",
+        f"persistent_client_expiration {SESSION_EXPIRY}",
+        f"# A packet larger than {MAX_PACKET_SIZE // 1024} KiB disconnects its sender; MQTT 5 clients are told",
+        "# this limit in the CONNACK. The worker advertises the same Maximum Packet Size for what it",
+        "# receives, and commands, acks and health reports are a few KiB at most.",
+        f"max_packet_size {MAX_PACKET_SIZE}",
+        "# An offline or slow session keeps at most this many QoS 1 messages, and this many bytes,",
+        "# beyond those in flight; more are dropped, so a device that never reads costs a bounded",
+        "# amount of memory and of persistence.",
+        f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+        f"max_queued_bytes {MAX_QUEUED_BYTES}",
+        "# QoS 1 messages sent to one client and not yet acknowledged.",
+        f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
+        "# The longest keepalive a client may ask for (MQTT 5 clients are told to use this one, also",
+        f"# for a keepalive of 0): a silent or half-open connection is dropped within {MAX_KEEPALIVE_S * 3 // 2} s.",
+        "# Every client of this project asks for 30 s.",
+        f"max_keepalive {MAX_KEEPALIVE_S}",
+        "# Not set: max_connections and memory_limit are global (they would bound the fleet, not a",
+        "# client: one device could use them up for every other one).",
         "",
         "log_dest stderr",
         *[f"log_type {t}" for t in log_types],
@@ -360,8 +491,9 @@ def _conf_text(
     ]
     if run_as_user == DEFAULT_BROKER_SYSTEM_USER:
         lines += [
-            "# Started as root, the broker drops its privileges to this user; the password and ACL",
-            "# files and the data directory must be readable (data: writable) by it.",
+            "# Started as root, the broker drops its privileges to this user right after reading",
+            "# this file; the accounts, the ACL, the TLS key and the data directory must be",
+            "# readable (data: writable) by it.",
         ]
     else:
         lines += [
@@ -378,34 +510,203 @@ def _default_broker_host(listen: str) -> str:
     return listen
 
 
+def find_dynsec_plugin() -> str | None:
+    for pattern in DYNSEC_PLUGIN_GLOBS:
+        for path in sorted(glob.glob(pattern)):
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The fleet PKI (openssl, fixed argv, no shell)
+
+_OPENSSL_CNF = """\
+# Written by `infoscreenctl broker provision` for one openssl run; removed afterwards.
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+[fleet_ca]
+basicConstraints = critical,CA:TRUE,pathlen:0
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[broker]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+subjectAltName = {sans}
+"""
+
+
+def _openssl(args: Sequence[str], cwd: Path, cnf: Path) -> str:
+    exe = shutil.which("openssl") or "/usr/bin/openssl"
+    if not os.access(exe, os.X_OK):
+        raise ProvisionError("openssl is not installed (apt-get install openssl); or give --tls-cert and "
+                             "--tls-key, or --plaintext")
+    try:
+        r = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=OPENSSL_TIMEOUT_S,
+                           stdin=subprocess.DEVNULL,
+                           env={"PATH": "/usr/bin:/bin", "LANG": "C", "OPENSSL_CONF": str(cnf)})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ProvisionError(f"openssl {args[0]} failed: {exc}") from None
+    if r.returncode != 0:
+        raise ProvisionError(f"openssl {args[0]} failed: {(r.stderr.strip().splitlines() or ['?'])[-1][:300]}")
+    return r.stdout
+
+
+def _cert_sans(text: str) -> set[str]:
+    """The subjectAltName entries printed by ``openssl x509 -ext subjectAltName``, as
+    `_san_entry` spells them."""
+    found: set[str] = set()
+    for line in text.splitlines()[1:]:
+        for item in line.split(","):
+            kind, _, value = item.strip().partition(":")
+            if kind == "DNS":
+                found.add(f"DNS:{value.lower()}")
+            elif kind == "IP Address":
+                try:
+                    found.add(f"IP:{ipaddress.ip_address(value)}")
+                except ValueError:
+                    pass
+    return found
+
+
+def _fleet_pki(tls_dir: Path, sans: Sequence[str], broker_uid: int | None) -> tuple[Path, Path, Path, list[str]]:
+    """Make or keep ``ca.crt``/``ca.key`` and ``server.crt``/``server.key`` in `tls_dir`.
+
+    The CA is made once and kept for ever (the screens pin it); the server certificate is kept
+    while it is signed by that CA, names every one of `sans` and has more than 30 days left,
+    and is issued anew otherwise. Returns (ca.crt, server.crt, server.key, what happened)."""
+    tls_dir.mkdir(mode=0o755, exist_ok=True)
+    ca_crt, ca_key = tls_dir / "ca.crt", tls_dir / "ca.key"
+    crt, key = tls_dir / "server.crt", tls_dir / "server.key"
+    what: list[str] = []
+    work = Path(tempfile.mkdtemp(prefix=".openssl.", dir=tls_dir))  # 0700: keys are born private
+    try:
+        cnf = work / "openssl.cnf"
+        cnf.write_text(_OPENSSL_CNF.format(sans=",".join(sans)))
+        if not ca_crt.exists() and not ca_key.exists():
+            _openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "ca.key"], work, cnf)
+            _openssl(["req", "-new", "-x509", "-key", "ca.key", "-out", "ca.crt", "-days", str(CA_DAYS),
+                      "-subj", "/CN=infoscreen fleet CA", "-extensions", "fleet_ca",
+                      "-set_serial", "0x" + secrets.token_hex(16)], work, cnf)
+            os.chmod(work / "ca.key", 0o600)
+            os.chmod(work / "ca.crt", 0o644)
+            os.replace(work / "ca.key", ca_key)
+            os.replace(work / "ca.crt", ca_crt)
+            what.append("ca created")
+        elif not ca_crt.exists():
+            raise ProvisionError(f"{ca_crt} is missing while {ca_key} exists: restore it (every screen pins "
+                                 f"it), or remove {tls_dir} to start a new CA")
+        else:
+            what.append("ca kept")
+        keep = False
+        if crt.exists() and key.exists():
+            try:
+                printed = _openssl(["x509", "-in", str(crt), "-noout", "-ext", "subjectAltName",
+                                    "-checkend", str(RENEW_BEFORE_S)], work, cnf)
+                _openssl(["verify", "-CAfile", str(ca_crt), str(crt)], work, cnf)
+                keep = set(sans) <= _cert_sans(printed)
+            except ProvisionError:
+                keep = False  # expiring, not of this CA, or unreadable: issue a new one
+        if keep:
+            what.append("server kept")
+        else:
+            if not ca_key.exists():
+                raise ProvisionError(f"{ca_key} is missing: cannot issue a new server certificate; restore it, "
+                                     f"or remove {tls_dir} to start a new CA (every screen then needs the new ca.crt)")
+            first = next((s[4:] for s in sans if s.startswith("DNS:")), "infoscreen broker")
+            _openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "server.key"],
+                     work, cnf)
+            _openssl(["req", "-new", "-key", "server.key", "-out", "server.csr", "-subj", f"/CN={first}"], work, cnf)
+            _openssl(["x509", "-req", "-in", "server.csr", "-CA", str(ca_crt), "-CAkey", str(ca_key),
+                      "-out", "server.crt", "-days", str(SERVER_DAYS), "-extfile", str(cnf),
+                      "-extensions", "broker", "-set_serial", "0x" + secrets.token_hex(16)], work, cnf)
+            os.chmod(work / "server.key", 0o600)
+            os.chmod(work / "server.crt", 0o644)
+            os.replace(work / "server.key", key)
+            os.replace(work / "server.crt", crt)
+            what.append("server issued")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if broker_uid is not None:
+        # Mosquitto reads its key after dropping root; the CA's key stays root's alone.
+        os.chown(key, broker_uid, -1)
+    return ca_crt, crt, key, what
+
+
+# --------------------------------------------------------------------------------------------
+# Command keys
+
+
+def _command_keys(devices: Sequence[str], dev_dir: Path, keys_dir: Path) -> dict[str, bytes]:
+    """Each device's command key: kept from ``keys/<uuid>.key`` (or, when only that copy was
+    lost, from ``devices/<uuid>.command.key``), new otherwise; both copies (re)written. A file
+    that is not a key, or two copies that differ, stop the run: a key is never replaced silently
+    (the screen holding the old one would refuse every signed command)."""
+    keys: dict[str, bytes] = {}
+    for uuid in devices:
+        found: list[bytes] = []
+        for path in (keys_dir / f"{uuid}.key", dev_dir / f"{uuid}{COMMAND_KEY_SUFFIX}"):
+            if path.exists():
+                try:
+                    found.append(signing.read_key_file(path))
+                except (OSError, signing.BadKey) as exc:
+                    raise ProvisionError(f"{path}: not a command key ({exc}); restore it or remove it") from None
+        if len(found) == 2 and not hmac.compare_digest(found[0], found[1]):
+            raise ProvisionError(f"{keys_dir / (uuid + '.key')} and {dev_dir / (uuid + COMMAND_KEY_SUFFIX)} differ: "
+                                 "remove the one that is wrong")
+        keys[uuid] = found[0] if found else signing.new_key()
+    for uuid, key in keys.items():
+        text = signing.key_text(key)
+        for path in (keys_dir / f"{uuid}.key", dev_dir / f"{uuid}{COMMAND_KEY_SUFFIX}"):
+            if not path.exists() or path.read_text(encoding="ascii", errors="replace") != text:
+                _write_atomic(path, text, 0o600)
+            else:
+                os.chmod(path, 0o600)
+    return keys
+
+
+# --------------------------------------------------------------------------------------------
+# provision()
+
+
 def provision(
     devices: Sequence[str],
     out_dir: str | os.PathLike[str],
     *,
     listen: str = "127.0.0.1",
-    port: int = 1883,
+    port: int | None = None,
     server_user: str = DEFAULT_SERVER_USER,
     broker_host: str | None = None,
     run_as_user: str = DEFAULT_BROKER_SYSTEM_USER,
     autosave_interval: int = 30,
     log_types: Sequence[str] = ("error", "warning", "notice", "information"),
+    plaintext: bool = False,
     tls_cert: str | None = None,
     tls_key: str | None = None,
     tls_ca: str | None = None,
+    tls_sans: Sequence[str] = (),
+    device_ca_path: str | None = None,
+    dynsec_plugin: str | None = None,
 ) -> Provisioned:
     """Write (or update) a provisioned broker configuration into `out_dir`.
 
-    `devices` are canonical UUIDs (see `parse_devices`). Existing passwords in `out_dir` are kept.
-    `run_as_user` is the ``user`` line of the configuration: the account the broker switches to
-    when started as root. Returns what was written, secrets included (never print them).
+    `devices` are canonical UUIDs (see `parse_devices`). Existing passwords, command keys and the
+    fleet CA in `out_dir` are kept. TLS by default, with a fleet CA made here (`tls_sans`: more
+    names for the broker's certificate); `tls_cert`/`tls_key`: certificates of your own;
+    `plaintext`: no TLS. `port` defaults to 8883 (TLS) or 1883. `run_as_user` is the ``user``
+    line of the configuration: the account the broker switches to when started as root.
+    Returns what was written, secrets included (never print them).
     """
     devices = parse_devices(devices, "devices")  # validates and normalises a programmatic list too
     if not _USER_RE.match(server_user):
         raise ProvisionError(f"--server-user: not a valid account name: {server_user!r}")
     if server_user.startswith(DEVICE_USER_PREFIX):
         raise ProvisionError(f"--server-user: {server_user!r} would collide with the device accounts")
-    if not (1 <= int(port) <= 65535):
-        raise ProvisionError(f"--port: {port} is not a TCP port")
     if not listen or not _HOST_RE.match(listen):
         raise ProvisionError(f"--listen: not an address: {listen!r}")
     host = broker_host or _default_broker_host(listen)
@@ -415,23 +716,66 @@ def provision(
         raise ProvisionError("--tls-cert and --tls-key go together")
     if tls_ca and not tls_cert:
         raise ProvisionError("--tls-ca needs --tls-cert and --tls-key")
+    if plaintext and (tls_cert or tls_sans or device_ca_path):
+        raise ProvisionError("--plaintext turns TLS off: it goes with no other TLS option")
+    if tls_cert and (tls_sans or device_ca_path):
+        raise ProvisionError("--tls-san and --device-ca-path are for the generated CA, not with --tls-cert")
     for flag, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
         if path and not os.path.isfile(path):
             raise ProvisionError(f"{flag}: {path} is not a file")
-    tls = (str(Path(tls_cert).resolve()), str(Path(tls_key).resolve())) if tls_cert and tls_key else None
+    if device_ca_path is not None and not os.path.isabs(device_ca_path):
+        raise ProvisionError(f"--device-ca-path: not an absolute path: {device_ca_path!r}")
+    if port is None:
+        port = PLAIN_PORT if plaintext else TLS_PORT
+    if not (1 <= int(port) <= 65535):
+        raise ProvisionError(f"--port: {port} is not a TCP port")
+    plugin = dynsec_plugin or find_dynsec_plugin()
+    if plugin is None:
+        raise ProvisionError("Mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so, in Debian's "
+                             "mosquitto package) was not found: give --dynsec-plugin PATH, its path on the broker")
+    if not os.path.isabs(plugin):
+        raise ProvisionError(f"--dynsec-plugin: not an absolute path: {plugin!r}")
+    sans: list[str] = []
+    if not plaintext and not tls_cert:
+        names = [host, *([listen] if listen not in ("0.0.0.0", "::") else []), *tls_sans, "localhost", "127.0.0.1"]
+        for name in names:
+            entry = _san_entry(name)
+            if entry not in sans:
+                sans.append(entry)
 
     out = Path(out_dir).resolve()
-    dev_dir = out / DEVICES_DIR
-    data_dir = out / DATA_DIR
+    dev_dir, keys_dir, data_dir = out / DEVICES_DIR, out / KEYS_DIR, out / DATA_DIR
     try:
         out.mkdir(parents=True, exist_ok=True)
-        dev_dir.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(dev_dir, 0o700)
-        data_dir.mkdir(mode=0o700, exist_ok=True)
+        for d in (dev_dir, keys_dir, data_dir):
+            d.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(d, 0o700)
     except OSError as exc:
         raise ProvisionError(f"{out}: cannot create the output directory: {exc.strerror or exc}") from None
 
-    # Existing credentials, read back from the env files (the password file holds only hashes).
+    # Ownership: the broker reads these files after switching to `run_as_user` (when root).
+    owner: tuple[int, int] | None = None
+    broker_uid: int | None = None
+    if os.geteuid() == 0:
+        try:
+            pw_ent = pwd.getpwnam(run_as_user)
+            if pw_ent.pw_uid != 0:
+                owner, broker_uid = (0, pw_ent.pw_gid), pw_ent.pw_uid
+        except KeyError:
+            pass
+
+    # TLS first: nothing else is written when the PKI cannot be made.
+    tls_files: list[str] = []
+    ca_file: Path | None = None
+    tls: tuple[str, str] | None = None
+    if tls_cert and tls_key:
+        tls = (str(Path(tls_cert).resolve()), str(Path(tls_key).resolve()))
+        ca_file = Path(tls_ca) if tls_ca else None
+    elif not plaintext:
+        ca_crt, crt, key, tls_files = _fleet_pki(out / TLS_DIR, sans, broker_uid)
+        tls, ca_file = (str(crt), str(key)), ca_crt
+
+    # Existing credentials, read back from the env files (the broker's file holds only hashes).
     def existing_password(path: Path, user: str) -> str | None:
         if not path.exists():
             return None
@@ -446,7 +790,6 @@ def provision(
 
     server_env_path = out / SERVER_ENV_NAME
     server_password = existing_password(server_env_path, server_user) or new_password()
-
     passwords: dict[str, str] = {}
     created: list[str] = []
     kept: list[str] = []
@@ -458,65 +801,52 @@ def provision(
         else:
             kept.append(uuid)
         passwords[uuid] = pw
+    command_keys = _command_keys(devices, dev_dir, keys_dir)
 
     # Keep an existing hash when it still matches: re-running changes nothing that need not change.
-    old_hashes: dict[str, str] = {}
-    passwd_path = out / PASSWD_NAME
-    if passwd_path.exists():
-        try:
-            for line in passwd_path.read_text(encoding="utf-8").splitlines():
-                if ":" in line:
-                    user, hashed = line.split(":", 1)
-                    old_hashes[user] = hashed.strip()
-        except (OSError, UnicodeDecodeError):
-            old_hashes = {}
+    dynsec_path = out / DYNSEC_NAME
+    old_hashes: dict[str, dict] = {}
+    try:
+        for c in json.loads(dynsec_path.read_text(encoding="utf-8")).get("clients", []):
+            old_hashes[c["username"]] = c
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        old_hashes = {}
 
-    def hashed_for(user: str, password: str) -> str:
+    def hashed_for(user: str, password: str) -> dict:
         old = old_hashes.get(user)
         if old and verify_password(password, old):
-            return old
+            return {k: old[k] for k in ("salt", "password", "iterations")}
         return hash_password(password)
 
-    passwd_lines = [f"{server_user}:{hashed_for(server_user, server_password)}"]
-    passwd_lines += [f"{device_username(u)}:{hashed_for(device_username(u), passwords[u])}" for u in devices]
-
-    # Ownership: a broker started as root reads these files after switching to `run_as_user`.
-    owner: tuple[int, int] | None = None
-    if os.geteuid() == 0:
-        try:
-            pw_ent = pwd.getpwnam(run_as_user)
-            owner = (0, pw_ent.pw_gid) if pw_ent.pw_uid != 0 else None
-            broker_uid = pw_ent.pw_uid
-        except KeyError:
-            owner = None
-    # passwd and acl: hashes and the fleet's layout, not clear secrets; readable by the broker's
-    # group only.
-    _write_atomic(passwd_path, "\n".join(passwd_lines) + "\n", 0o640 if owner else 0o600)
+    accounts = [(server_user, None, hashed_for(server_user, server_password))]
+    accounts += [(device_username(u), u, hashed_for(device_username(u), passwords[u])) for u in devices]
+    # The accounts and the ACL: hashes and the fleet's layout, not clear secrets; readable by the
+    # broker's group only.
+    _write_atomic(dynsec_path, _dynsec_text(accounts), 0o640 if owner else 0o600)
     acl_path = out / ACL_NAME
     _write_atomic(acl_path, _acl_text(devices, server_user), 0o640 if owner else 0o600)
     conf_path = out / CONF_NAME
     _write_atomic(
         conf_path,
-        _conf_text(
-            out_dir=out,
-            listen=listen,
-            port=int(port),
-            run_as_user=run_as_user,
-            autosave_interval=autosave_interval,
-            log_types=log_types,
-            tls=tls,
-        ),
+        _conf_text(out_dir=out, listen=listen, port=int(port), run_as_user=run_as_user,
+                   autosave_interval=autosave_interval, log_types=log_types, dynsec_plugin=plugin,
+                   tls=tls, generated_ca=bool(tls and not tls_cert)),
         0o644,
     )
     if owner:
-        for p in (passwd_path, acl_path):
+        for p in (dynsec_path, acl_path):
             os.chown(p, *owner)
         os.chown(data_dir, broker_uid, owner[1])
 
-    # With TLS the clients verify the broker against tls_ca (a path as the clients see it), or
-    # against the system store when it is not given.
-    tls_env = ([("MQTT_TLS", "1")] + ([("MQTT_CA_FILE", tls_ca)] if tls_ca else [])) if tls else []
-    broker_env = [("MQTT_BROKER", host), ("MQTT_PORT", str(int(port))), *tls_env]  # every account's
+    # With TLS the clients verify the broker against a pinned CA: the fleet CA (its path on the
+    # screens: --device-ca-path, else where provision wrote it), or --tls-ca, or the system store.
+    def tls_env(ca: Path | str | None) -> list[tuple[str, str]]:
+        if not tls:
+            return []
+        return [("MQTT_TLS", "1")] + ([("MQTT_CA_FILE", str(ca))] if ca else [])
+
+    broker_env = [("MQTT_BROKER", host), ("MQTT_PORT", str(int(port)))]
+    device_ca = device_ca_path or ca_file
     for uuid in devices:
         _write_atomic(
             dev_dir / f"{uuid}.env",
@@ -526,6 +856,7 @@ def provision(
                     ("MQTT_USER", device_username(uuid)),
                     ("MQTT_PASSWORD_BROKER", passwords[uuid]),
                     *broker_env,
+                    *tls_env(device_ca),
                 ],
                 f"infoscreen device {uuid}",
             ),
@@ -538,27 +869,34 @@ def provision(
                 ("MQTT_USER", server_user),
                 ("MQTT_PASSWORD_BROKER", server_password),
                 *broker_env,
+                *tls_env(ca_file),
+                ("INFOSCREEN_COMMAND_KEYS", str(keys_dir)),
             ],
             "infoscreen server account",
         ),
         0o600,
     )
 
-    # Devices no longer listed lose their account (above) and their credentials file.
+    # Devices no longer listed lose their account (above), their credentials and their keys.
     listed = set(devices)
-    removed: list[str] = []
-    for path in sorted(dev_dir.glob("*.env")):
-        if path.stem not in listed:
-            path.unlink()
-            removed.append(path.stem)
+    removed: set[str] = set()
+    for pattern, suffix, d in (("*.env", ".env", dev_dir), (f"*{COMMAND_KEY_SUFFIX}", COMMAND_KEY_SUFFIX, dev_dir),
+                               ("*.key", ".key", keys_dir)):
+        for path in sorted(d.glob(pattern)):
+            name = path.name[: -len(suffix)]
+            if name not in listed and (suffix != ".key" or _UUID_RE.match(name)):
+                path.unlink()
+                if suffix == ".env":
+                    removed.add(name)
 
     return Provisioned(
         out_dir=out,
         conf_path=conf_path,
-        passwd_path=passwd_path,
+        dynsec_path=dynsec_path,
         acl_path=acl_path,
         server_env_path=server_env_path,
         data_dir=data_dir,
+        keys_dir=keys_dir,
         listen=listen,
         port=int(port),
         broker_host=host,
@@ -566,9 +904,13 @@ def provision(
         server_password=server_password,
         devices=tuple(devices),
         device_passwords=passwords,
+        command_keys=command_keys,
+        tls=bool(tls),
+        ca_file=ca_file,
         created=tuple(created),
         kept=tuple(kept),
-        removed=tuple(removed),
+        removed=tuple(sorted(removed)),
+        tls_files=tuple(tls_files),
     )
 
 
@@ -583,24 +925,35 @@ def build_parser_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--devices", required=True, metavar="FILE",
                         help="device UUIDs, one a line (blank lines and # comments ignored)")
     parser.add_argument("--out", required=True, metavar="DIR",
-                        help="output directory (re-running on it keeps existing passwords)")
+                        help="output directory (re-running on it keeps passwords, command keys and the CA)")
     parser.add_argument("--listen", default="127.0.0.1", metavar="ADDR",
                         help="address of the broker's listener (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=1883, metavar="N", help="listener port (default: 1883)")
+    parser.add_argument("--port", type=int, default=None, metavar="N",
+                        help=f"listener port (default: {TLS_PORT}, or {PLAIN_PORT} with --plaintext)")
     parser.add_argument("--server-user", default=DEFAULT_SERVER_USER, metavar="NAME",
                         help=f"the server account (default: {DEFAULT_SERVER_USER})")
     parser.add_argument("--broker-host", default=None, metavar="HOST",
-                        help="the broker address written into the env files "
+                        help="the broker address written into the env files and the certificate "
                              "(default: the listen address, or this host's name for a wildcard)")
+    parser.add_argument("--tls-san", action="append", default=[], metavar="NAME",
+                        help="another host name or IP address of the broker for its certificate (repeatable; "
+                             "localhost and 127.0.0.1 are always in it)")
+    parser.add_argument("--device-ca-path", default=None, metavar="PATH",
+                        help="where the screens find the fleet CA, written to their env files as MQTT_CA_FILE "
+                             "(default: OUT/tls/ca.crt)")
+    parser.add_argument("--plaintext", action="store_true",
+                        help="no TLS: a clear-text listener (loopback or a network you trust entirely)")
     parser.add_argument("--tls-cert", default=None, metavar="FILE",
-                        help="the broker's certificate (PEM): TLS on the listener")
+                        help="the broker's certificate (PEM), of your own CA, instead of the generated one")
     parser.add_argument("--tls-key", default=None, metavar="FILE", help="its private key (PEM)")
     parser.add_argument("--tls-ca", default=None, metavar="PATH",
-                        help="the CA file as the clients will see it, written to their env files as "
-                             "MQTT_CA_FILE (default: the clients' system store)")
+                        help="with --tls-cert: the CA file as the clients will see it, written to their env "
+                             "files as MQTT_CA_FILE (default: the clients' system store)")
     parser.add_argument("--broker-user", default=DEFAULT_BROKER_SYSTEM_USER, metavar="NAME",
                         help="the system user the broker drops to when started as root "
                              f"(default: {DEFAULT_BROKER_SYSTEM_USER})")
+    parser.add_argument("--dynsec-plugin", default=None, metavar="PATH",
+                        help="mosquitto_dynamic_security.so on the broker (default: found under /usr/lib)")
     return parser
 
 
@@ -616,9 +969,13 @@ def run(args: argparse.Namespace) -> int:
             server_user=args.server_user,
             broker_host=args.broker_host,
             run_as_user=args.broker_user,
+            plaintext=args.plaintext,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_ca=args.tls_ca,
+            tls_sans=args.tls_san,
+            device_ca_path=args.device_ca_path,
+            dynsec_plugin=args.dynsec_plugin,
         )
     except ProvisionError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -628,12 +985,20 @@ def run(args: argparse.Namespace) -> int:
         return 1
     out = result.out_dir
     print(f"broker configuration: {result.conf_path}")
-    print(f"password file (hashed): {result.passwd_path}")
+    print(f"accounts (hashed, device accounts bound to their client id): {result.dynsec_path}")
     print(f"ACL file: {result.acl_path}")
+    if result.tls_files:
+        print(f"TLS: {out / TLS_DIR}/ ({', '.join(result.tls_files)}); the clients pin {result.ca_file}")
+    elif result.tls:
+        print("TLS: with the certificate given")
+    else:
+        print("TLS: off (--plaintext): keep this listener on loopback or a trusted network")
     print(f"persistence: {result.data_dir}/")
     print(f"server credentials (mode 0600): {result.server_env_path}")
+    print(f"server's command keys (mode 0600): {result.keys_dir}/<uuid>.key")
     print(
-        f"device credentials (mode 0600): {out / DEVICES_DIR}/<uuid>.env: "
+        f"device credentials and command keys (mode 0600): {out / DEVICES_DIR}/<uuid>.env, "
+        f"<uuid>{COMMAND_KEY_SUFFIX}: "
         f"{len(result.devices)} device(s), {len(result.created)} new, {len(result.kept)} kept, "
         f"{len(result.removed)} removed"
     )
@@ -645,7 +1010,7 @@ def register(broker_subparsers) -> argparse.ArgumentParser:
     """Add `provision` to the sub-parsers of the `broker` group of `infoscreenctl`."""
     parser = broker_subparsers.add_parser(
         "provision",
-        help="write a hardened Mosquitto configuration, accounts and ACL for a list of devices",
+        help="write a hardened Mosquitto configuration, accounts, ACL, TLS and command keys for a list of devices",
         description=__doc__.split("\n\n", 1)[0],
     )
     build_parser_args(parser)

@@ -1,4 +1,5 @@
-"""infoscreenctl over TLS, with the server.env that `broker provision --tls-*` writes."""
+"""infoscreenctl over TLS, with the server.env that `broker provision` writes: the fleet CA it
+makes by default, certificates of one's own (`--tls-*`), and `--plaintext`."""
 
 from __future__ import annotations
 
@@ -22,3 +23,26 @@ def test_alerts_over_tls_and_a_wrong_ca_is_refused(broker_factory, device_uuid, 
     bad = ctl_raw("alerts", "--env", str(b.server_env_path), "--ca-file", str(rogue))
     assert bad.wait(20) == 2
     assert "certificate" in bad.stderr.lower() and b.server_password not in bad.stderr + bad.stdout
+
+
+def test_the_provisioned_server_env_pins_the_fleet_ca(broker, device_uuid, ctl, ctl_raw, tmp_path, device_probe):
+    """The default: server.env says MQTT_TLS=1 and MQTT_CA_FILE=<OUT>/tls/ca.crt, and that is all
+    infoscreenctl needs; another CA given on the command line is refused."""
+    env = broker.server_env()
+    assert env["MQTT_TLS"] == "1" and env["MQTT_CA_FILE"] == str(broker.workdir / "tls" / "ca.crt")
+    device_probe(device_uuid).publish(topics.service_failed(device_uuid), b'{"event": "service_failed"}', retain=True)
+    ok = ctl("alerts", "--json")
+    assert ok.wait(20) == 0, ok.stderr
+    assert device_uuid in ok.stdout
+    rogue, _ = pki.make_ca(tmp_path / "rogue", "rogue-ca")
+    bad = ctl("alerts", "--ca-file", str(rogue))
+    assert bad.wait(20) == 2
+    assert "certificate" in bad.stderr.lower() and broker.server_password not in bad.stderr + bad.stdout
+
+
+def test_a_plaintext_broker_and_its_server_env(broker_factory, device_uuid, ctl_raw):
+    b = broker_factory([device_uuid], tls=False)
+    assert "MQTT_TLS" not in b.server_env()
+    p = ctl_raw("alerts", "--env", str(b.server_env_path))
+    assert p.wait(20) == 0, p.stderr
+    assert "(TLS)" not in p.stderr

@@ -1,6 +1,7 @@
-"""TLS to a real Mosquitto listener provisioned with --tls-cert/--tls-key: the worker verifies
-the broker's certificate against MQTT_CA_FILE (and its host name), and refuses a broker signed
-by another CA."""
+"""TLS to a real Mosquitto listener: the worker verifies the broker's certificate against
+MQTT_CA_FILE (and its host name), and refuses a broker signed by another CA. With the fleet CA
+`broker provision` makes by default (every fixture broker), with certificates of one's own
+(--tls-cert/--tls-key), and without TLS (--plaintext)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,23 @@ def test_a_broker_signed_by_another_ca_is_refused(tls_broker, mqtt_worker, tmp_p
                10, what="a certificate verification failure")
     assert not any(m.broker_reachable for m in w.sup.of(messages.BrokerStatus))
     assert w.alive()
+
+
+def test_the_worker_pins_the_provisioned_fleet_ca(mqtt_broker, device_uuid, mqtt_worker, server):
+    env = mqtt_broker.device_env(device_uuid)
+    assert env["MQTT_TLS"] == "1" and env["MQTT_CA_FILE"] == mqtt_broker.ca_file
+    w = mqtt_worker()
+    assert w.env["MQTT_CA_FILE"] == mqtt_broker.ca_file
+    srv = server(w)
+    cid = srv.command(w.uuid, "reboot_host")
+    srv.wait_ack(w.uuid, cid, "completed")
+
+
+def test_the_worker_on_a_plaintext_broker(broker_factory, device_uuid, mqtt_worker, server):
+    b = broker_factory([device_uuid], tls=False)
+    w = mqtt_worker(broker=b)
+    assert "MQTT_TLS" not in w.env or w.env["MQTT_TLS"] in ("", "0")
+    srv = server(w, broker=b)
+    assert srv.ca_file is None
+    cid = srv.command(w.uuid, "reboot_host")
+    srv.wait_ack(w.uuid, cid, "completed")

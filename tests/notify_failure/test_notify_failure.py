@@ -239,6 +239,68 @@ def test_alert_survives_a_broker_restart_and_clears_with_an_empty_retained_publi
     no_retained_alert(broker, device_uuid)
 
 
+# ------------------------------------------------------- the device's own client id and session
+WEEK = 7 * 86400
+
+
+def test_the_alert_connects_as_the_device_and_leaves_its_queued_commands_to_it(
+        broker, device_uuid, server_probe, device_probe):
+    """The broker binds the device's account to its client id, so the alert connects as the
+    device and resumes its persistent session (no clean start). Commands queued for the screen
+    while it was down (the worker's session) are still delivered to the worker afterwards: the
+    one the session lent the alert program is not acknowledged, so the broker sends it again."""
+    topics = [f"infoscreen/{device_uuid}/commands", f"infoscreen/{device_uuid}/command"]
+    worker = device_probe(device_uuid, clean_start=False, session_expiry=WEEK)  # as the MQTT worker connects
+    for t in topics:
+        worker.subscribe(t)
+    worker.close()  # the client crash-looped: its session waits on the broker
+    server = server_probe()
+    sent = [(topics[i % 2], f"command {i}".encode()) for i in range(4)]
+    for t, p in sent:
+        assert server.publish(t, p) == 0
+
+    r = run_cli("--no-state-check", UNIT, env=device_environ(broker, device_uuid))
+    assert r.returncode == 0, r.stderr
+    assert retained_alert(broker, device_uuid).json()["client_uuid"] == device_uuid
+    assert f"as {device_uuid} (p5, c0, k30, u'{broker.device_user(device_uuid)}')" in broker.log_text()
+
+    worker.connect()  # the worker back, resuming its session
+    assert worker.session_present
+    got = [worker.wait_for("infoscreen/#") for _ in sent]
+    assert sorted((m.topic, m.payload) for m in got) == sorted(sent)
+    assert [m for m in got if m.dup] == [got[0]]  # lent to the alert, never acknowledged, sent again
+    assert server.publish(topics[0], b"marker") == 0  # delivered after anything still pending
+    worker.wait_for(topics[0], lambda m: m.payload == b"marker")
+    assert len(worker.messages("infoscreen/#")) == len(sent) + 1  # and nothing twice
+
+
+def test_the_alert_keeps_the_session_it_resumes_for_the_workers_expiry(broker, device_uuid, server_probe,
+                                                                     device_probe):
+    """The last CONNECT sets a session's expiry: the alert asks for the worker's own 7 days, so
+    a session it touches (here: one it had to create) outlives its disconnect."""
+    from infoscreen.workers.mqtt import connection
+
+    assert nf.SESSION_EXPIRY_S == connection.SESSION_EXPIRY_S == WEEK
+    assert run_cli("--no-state-check", UNIT, env=device_environ(broker, device_uuid)).returncode == 0
+    broker.restart()  # and it is persisted like the worker's
+    worker = device_probe(device_uuid, clean_start=False, session_expiry=WEEK)
+    assert worker.session_present
+
+
+def test_a_running_worker_loses_nothing_either(broker, device_uuid, server_probe, device_probe):
+    """By hand (--no-state-check) while the worker is connected: the alert takes the connection
+    over for a moment; the worker's session, subscriptions and queue are the same afterwards."""
+    topic = f"infoscreen/{device_uuid}/commands"
+    worker = device_probe(device_uuid, clean_start=False, session_expiry=WEEK)
+    worker.subscribe(topic)
+    assert run_cli("--no-state-check", UNIT, env=device_environ(broker, device_uuid)).returncode == 0
+    worker.wait_disconnected()  # taken over
+    assert server_probe().publish(topic, b"while it was away") == 0
+    worker.connect()
+    assert worker.session_present
+    assert worker.wait_for(topic).payload == b"while it was away"
+
+
 # ------------------------------------------------------------------ the state check (in-process)
 @pytest.fixture
 def in_process(broker, device_uuid, monkeypatch):

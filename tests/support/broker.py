@@ -2,13 +2,21 @@
 
     broker = MosquittoBroker([uuid], tmp_path / "broker").start()
     broker.host, broker.port, broker.server_user, broker.server_password
-    broker.device_env(uuid)      # {"CLIENT_UUID": ..., "MQTT_USER": ..., "MQTT_PASSWORD_BROKER": ..., ...}
+    broker.device_env(uuid)      # {"CLIENT_UUID": ..., "MQTT_USER": ..., "MQTT_TLS": "1", "MQTT_CA_FILE": ...}
+    broker.ca_file               # the fleet CA the clients pin (None for a plaintext broker)
+    broker.device_key(uuid)      # the device's 32-byte command key (broker.server_key_path(uuid): the server's copy)
     broker.stop(); broker.start()  # an outage: same port, same persistence (retained, sessions)
     broker.kill()                # a crash: SIGKILL, changes since the last autosave are lost
 
+TLS by default, as `broker provision` does it: a fleet CA and a server certificate for 127.0.0.1
+and localhost. Every `MqttProbe` made for this host and port pins that CA unless told otherwise
+(tests/support/mqtt.py). `MosquittoBroker(..., tls=False)` is a plaintext broker, for a test that
+needs one; `tls=(cert, key, ca)` brings certificates of its own (`--tls-cert/--tls-key/--tls-ca`).
+
 Readiness is an event: a thread reads the broker's log and fires when mosquitto says
-``... running`` (printed after its listener is bound and its password and ACL files are loaded),
-or when the process exits (e.g. its port was taken). Nothing sleeps.
+``... running`` (printed after its listener is bound and its accounts and ACL are loaded) and then
+logs the connection the fixture makes (only its main loop does), or when the process exits (e.g.
+its port was taken). Nothing sleeps.
 """
 
 from __future__ import annotations
@@ -19,14 +27,18 @@ import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import weakref
 import atexit
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from infoscreen.ctl import provision as prov
+from infoscreen.wire import signing
+from tests.support import mqtt as mqtt_support
 
 MOSQUITTO = os.environ.get("MOSQUITTO_BIN") or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -45,6 +57,32 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     # thread that outlives them, as fixtures do.)
     if _libc is not None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# One fleet PKI per test process, made by the first broker and copied into the others before
+# they are provisioned (provision keeps a CA and a certificate it finds, as on re-provisioning):
+# openssl costs ~90 ms per broker otherwise, which every test would pay.
+_PKI_CACHE: Path | None = None
+_PKI_FILES = ("ca.crt", "ca.key", "server.crt", "server.key")
+
+
+def _seed_pki(tls_dir: Path) -> None:
+    if _PKI_CACHE is None or tls_dir.exists():
+        return
+    tls_dir.mkdir(mode=0o755)
+    for name in _PKI_FILES:
+        shutil.copy2(_PKI_CACHE / name, tls_dir / name)
+
+
+def _remember_pki(tls_dir: Path) -> None:
+    global _PKI_CACHE
+    if _PKI_CACHE is not None or not all((tls_dir / n).is_file() for n in _PKI_FILES):
+        return
+    cache = Path(tempfile.mkdtemp(prefix="infoscreen-test-pki-"))
+    for name in _PKI_FILES:
+        shutil.copy2(tls_dir / name, cache / name)
+    atexit.register(shutil.rmtree, cache, True)
+    _PKI_CACHE = cache
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -76,7 +114,7 @@ class MosquittoBroker:
         server_user: str = prov.DEFAULT_SERVER_USER,
         autosave_interval: int = 30,
         run_as_user: str | None = None,
-        tls: tuple[str, str, str] | None = None,
+        tls: bool | tuple[str, str, str] = True,
     ) -> None:
         self.devices: list[str] = [d.lower() for d in devices]
         self.workdir = Path(workdir).resolve()
@@ -92,7 +130,7 @@ class MosquittoBroker:
         # current one means no switch (and as non-root it never switches). The production config
         # keeps `user mosquitto` (see provision.py); pass run_as_user="mosquitto" to test that.
         self.run_as_user = run_as_user or pwd.getpwuid(os.getuid()).pw_name
-        self.tls = tls  # (certfile, keyfile, CA file): a TLS listener
+        self.tls = tls  # True: the fleet CA provision makes; False: plaintext; (cert, key, CA): own certificates
         self.provisioned: prov.Provisioned | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
@@ -107,6 +145,10 @@ class MosquittoBroker:
     def _provision(self) -> None:
         if self._port is None:
             self._port = free_port(self.host)
+        own = self.tls if isinstance(self.tls, tuple) else None
+        if self.tls is True:
+            _seed_pki(self.workdir / prov.TLS_DIR)
+        old = self.provisioned
         self.provisioned = prov.provision(
             self.devices,
             self.workdir,
@@ -115,10 +157,16 @@ class MosquittoBroker:
             server_user=self.server_user,
             run_as_user=self.run_as_user,
             autosave_interval=self.autosave_interval,
-            tls_cert=self.tls[0] if self.tls else None,
-            tls_key=self.tls[1] if self.tls else None,
-            tls_ca=self.tls[2] if self.tls else None,
+            plaintext=self.tls is False,
+            tls_cert=own[0] if own else None,
+            tls_key=own[1] if own else None,
+            tls_ca=own[2] if own else None,
         )
+        if self.tls is True:
+            _remember_pki(self.workdir / prov.TLS_DIR)
+        if old is not None and old.port != self._port:
+            mqtt_support.trust(self.host, old.port, None)
+        mqtt_support.trust(self.host, self._port, self.ca_file)
 
     def set_devices(self, devices: Iterable[str]) -> None:
         """Re-provision for a new device list, as an operator re-runs `broker provision`: existing
@@ -172,6 +220,28 @@ class MosquittoBroker:
         return self.provisioned.device_passwords[uuid.lower()]
 
     @property
+    def ca_file(self) -> str | None:
+        """The CA the clients pin (server.env's MQTT_CA_FILE); None for a plaintext broker."""
+        ca = self.provisioned.ca_file
+        return str(ca) if ca is not None and self.provisioned.tls else None
+
+    @property
+    def keys_dir(self) -> Path:
+        """The server's command keys: server.env's INFOSCREEN_COMMAND_KEYS."""
+        return self.provisioned.keys_dir
+
+    def device_key(self, uuid: str) -> bytes:
+        """The device's 32-byte command key, read from the server's copy as `send` reads it."""
+        return signing.read_key_file(self.server_key_path(uuid))
+
+    def server_key_path(self, uuid: str) -> Path:
+        return self.provisioned.server_key_path(uuid.lower())
+
+    def device_key_path(self, uuid: str) -> Path:
+        """The device's copy (what is installed on the screen as /etc/infoscreen/command.key)."""
+        return self.provisioned.device_key_path(uuid.lower())
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
@@ -212,6 +282,7 @@ class MosquittoBroker:
     def _start_once(self, timeout: float) -> tuple[bool, str]:
         self._running_evt = threading.Event()
         exited = threading.Event()
+        looping = threading.Event()
         with self._log_lock:
             mark = len(self._log)
         proc = subprocess.Popen(
@@ -237,10 +308,13 @@ class MosquittoBroker:
                         self._log.append(line)
                     if " running" in line and "mosquitto version" in line:
                         running_evt.set()
+                    elif running_evt.is_set() and "onnection from" in line:
+                        looping.set()  # "New connection from ..." / "Client connection from ... failed"
             finally:
                 logfile.close()
                 exited.set()
                 running_evt.set()  # wake the starter: it checks whether the process lives
+                looping.set()
 
         self._reader = threading.Thread(target=read, name=f"mosquitto-log-{self._port}", daemon=True)
         self._reader.start()
@@ -252,12 +326,18 @@ class MosquittoBroker:
             self._reader.join(timeout=2)
             self._proc = None
             return False, f"exit status {proc.returncode}\n" + self._log_since(mark)
-        # The listener is bound before the 'running' line: one connect confirms it.
+        # Mosquitto 2.0 prints 'running' just before it sets its run flag: a SIGTERM in between
+        # is lost (the flag is set back) and the broker runs on. Only its main loop accepts a
+        # connection and logs it, so one connection, logged, proves the loop runs (and that the
+        # listener is bound).
         try:
-            socket.create_connection((self.host, self.port), timeout=2).close()
+            self._touch(timeout=2)
         except OSError as exc:
             self._terminate(proc, 0)
             return False, f"port not accepting connections: {exc}\n" + self._log_since(mark)
+        if not looping.wait(timeout) or exited.is_set():
+            self._terminate(proc, 0)
+            return False, "the broker logged no accepted connection\n" + self._log_since(mark)
         return True, ""
 
     def _log_since(self, mark: int) -> str:
@@ -287,12 +367,26 @@ class MosquittoBroker:
         # Mosquitto 2.0 blocks its signals except between two epoll_wait calls of up to 100 ms,
         # so a SIGTERM alone takes ~100 ms to act. A connection attempt wakes its loop at once
         # (measured: ~100 ms -> ~2 ms per stop, which every test's teardown pays).
+        # A bare TCP connection, closed at once by this side: a TLS handshake would keep it open
+        # while the broker exits, and the broker's close would then leave its port in TIME_WAIT.
+        # (On a TLS listener the broker logs the cut handshake, on its way out.)
         if self._port is None:
             return
         try:
             socket.create_connection((self.host, self._port), timeout=0.5).close()
         except OSError:
             pass
+
+    def _touch(self, timeout: float) -> None:
+        """One connection, closed again. On a TLS listener with a full handshake, so that the
+        broker's log shows no failed one. This side closes first (no TLS close_notify to wait
+        for), so the TIME_WAIT is this side's and the broker's port is free once it has stopped."""
+        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+            if self.ca_file is not None:
+                ctx = ssl.create_default_context(cafile=self.ca_file)
+                ctx.check_hostname = False  # only the broker's loop is probed here, not its name
+                with ctx.wrap_socket(sock):  # takes the socket over; closing it sends no close_notify
+                    pass
 
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM (mosquitto saves its database), SIGKILL after `timeout`; waits for the exit.
@@ -325,7 +419,8 @@ class MosquittoBroker:
 
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running else "stopped"
-        return f"<MosquittoBroker {self.host}:{self._port} {state} devices={len(self.devices)}>"
+        tls = "tls" if self.ca_file else "plaintext"
+        return f"<MosquittoBroker {self.host}:{self._port} {tls} {state} devices={len(self.devices)}>"
 
 
 @atexit.register

@@ -9,6 +9,10 @@ timeout and raises `TimeoutError` with what was received so far.
     rc = probe.publish("infoscreen/x/commands", {"command_id": ...})  # 0, or 135: not authorized
     msg = probe.wait_for("infoscreen/x/commands/ack", lambda m: m.json()["status"] == "accepted")
     probe.assert_nothing("infoscreen/y/#", within=0.3)
+
+TLS: a probe for the host and port of a fixture broker (tests/support/broker.py) pins that broker's
+CA, as every client of a provisioned broker does; `ca_file=` names another CA, `ca_file=None`
+asks for a plaintext connection.
 """
 
 from __future__ import annotations
@@ -33,6 +37,23 @@ NOT_AUTHORIZED = 135  # 0x87
 BAD_USERNAME_OR_PASSWORD = 134  # 0x86
 
 
+# (host, port) -> the CA file of the fixture broker provisioned there (set by the fixture).
+_TRUSTED: dict[tuple[str, int], str] = {}
+_AUTO = object()
+
+
+def trust(host: str, port: int, ca_file: str | None) -> None:
+    """Record the CA of the broker at host:port (None: a plaintext broker)."""
+    if ca_file is None:
+        _TRUSTED.pop((host, port), None)
+    else:
+        _TRUSTED[(host, port)] = str(ca_file)
+
+
+def trusted_ca(host: str, port: int) -> str | None:
+    return _TRUSTED.get((host, port))
+
+
 def accepted(reason_code: int) -> bool:
     """A PUBACK reason code of an accepted publish: 0, or 16 (no matching subscribers)."""
     return reason_code < 128
@@ -55,6 +76,7 @@ class Message:
     retain: bool
     properties: Any
     received_at: float  # time.monotonic()
+    dup: bool = False  # a redelivery of a message sent before and not acknowledged
 
     @property
     def text(self) -> str:
@@ -89,12 +111,12 @@ class MqttProbe:
         clean_start: bool = True,
         session_expiry: int | None = None,
         keepalive: int = 30,
-        ca_file: str | None = None,
+        ca_file: Any = _AUTO,
     ) -> None:
         self.host = host
         self.port = port
         self.username = username
-        self.client_id = client_id or f"probe-{username or 'anon'}-{next(_ids)}-{id(self):x}"
+        self.client_id = client_id if client_id is not None else f"probe-{username or 'anon'}-{next(_ids)}-{id(self):x}"
         self.protocol = protocol
         self.clean_start = clean_start
         self.session_expiry = session_expiry
@@ -109,13 +131,18 @@ class MqttProbe:
         )
         if username is not None:
             self._client.username_pw_set(username, password)
-        if ca_file is not None:  # TLS, verifying the broker's certificate against this CA
-            self._client.tls_set(ca_certs=ca_file)
+        if ca_file is _AUTO:
+            ca_file = trusted_ca(host, port)
+        self.ca_file = ca_file
+        if ca_file is not None:  # TLS, verifying the broker's certificate (and host name) against this CA
+            self._client.tls_set(ca_certs=str(ca_file))
         self._cond = threading.Condition()
         self._msgs: list[Message] = []
         self._taken: set[int] = set()
         self._acks: dict[int, Any] = {}  # mid -> result of SUBACK / UNSUBACK / PUBACK
         self._connack: int | None = None
+        self.connack_properties: Any = None  # the last CONNACK's MQTT 5 properties (limits the broker set)
+        self.session_present: bool | None = None  # the last CONNACK's flag: the broker resumed a session
         self._connected = False
         self._disconnects = 0
         self._loop_running = False
@@ -141,6 +168,8 @@ class MqttProbe:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         with self._cond:
             self._connack = _rc(reason_code)
+            self.connack_properties = properties
+            self.session_present = bool(getattr(flags, "session_present", False))
             self._connected = self._connack == 0
             self._cond.notify_all()
 
@@ -158,6 +187,7 @@ class MqttProbe:
             retain=bool(msg.retain),
             properties=getattr(msg, "properties", None),
             received_at=time.monotonic(),
+            dup=bool(getattr(msg, "dup", False)),
         )
         with self._cond:
             self._msgs.append(m)

@@ -1,5 +1,7 @@
-"""A throw-away PKI for TLS tests, made with the openssl command (Debian's ca-certificates
-depends on it, so it is on every machine that runs these tests)."""
+"""A throw-away PKI of the tests' own, made with the openssl command (scripts/bootstrap installs
+it): a rogue CA for refusal tests, and certificates brought to `broker provision --tls-cert
+--tls-key --tls-ca`. The fixture's brokers do not need it: by default they use the fleet CA that
+`broker provision` makes (tests/support/broker.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ def make_server_cert(d: Path, ca: tuple[Path, Path]) -> tuple[Path, Path]:
 
 
 def tls_broker(broker_factory, devices, workdir: Path):
-    """(broker, CA certificate): a provisioned Mosquitto with a TLS listener."""
+    """(broker, CA certificate): a provisioned Mosquitto with a TLS listener of certificates
+    brought by the operator (`--tls-cert/--tls-key/--tls-ca`)."""
     ca = make_ca(workdir / "pki", "fleet-ca")
     cert, key = make_server_cert(workdir / "pki", ca)
     return broker_factory(list(devices), tls=(str(cert), str(key), str(ca[0]))), ca[0]
