@@ -8,9 +8,8 @@ import base64, binascii, json, re, socket, time
 VERSION, MAX_FRAME, MAX_PAYLOAD, MAX_MESSAGE = 2, 8192, 4096, 200
 ACTIONS = ("reboot_host", "shutdown_host")
 # The one error table; when each is given: docs/security.md, "Error table".
-ERRORS = ("peer_not_allowed", "bad_request", "unsupported_action", "busy", "rate_limited",
-          "exec_failed", "exec_timeout", "internal_error", "signature_invalid", "replayed",
-          "expired")
+ERRORS = ("peer_not_allowed", "bad_request", "unsupported_action", "busy", "rate_limited", "exec_failed",
+          "exec_timeout", "internal_error", "signature_invalid", "replayed", "expired")
 # The client's command id rule (wire/ids.py; a test ties the two): 8-4-4-4-12 hex, either case.
 COMMAND_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 SIGNATURE = re.compile(r"hmac-sha256=[0-9a-f]{64}")

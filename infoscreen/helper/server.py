@@ -19,6 +19,7 @@ DRY_RUN_TIMEOUT_S, EXEC_TIMEOUT_S, WINDOW_S = 3.0, 30.0, 3600.0
 KEEP_S, TIMESYNC_FLAG = 7 * 86400, "/run/systemd/timesync/synchronized"
 MAX_WORKERS = 16   # standalone mode: concurrent connections; more are closed at once
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _audit_lock = threading.Lock()
 
 class ConfigError(Exception):
@@ -84,18 +85,12 @@ def load_config(env):
     if mock and mode == "production":   # loud, never silently ignored
         raise ConfigError("COMMAND_MOCK_REBOOT_IMMEDIATE_COMPLETE: mock execution refused "
                           "under INFOSCREEN_ENV=production")
-    key_file = env.get("HELPER_COMMAND_KEY_FILE", "").strip() or "/etc/infoscreen/command.key"
-    if not os.path.isabs(key_file):
-        raise ConfigError("HELPER_COMMAND_KEY_FILE: must be an absolute path")
-    key = load_key(key_file)
-    if key is None and mode == "production" and not _flag(env, "HELPER_ALLOW_UNSIGNED"):
-        raise ConfigError("HELPER_COMMAND_KEY_FILE: no command key at %s; production needs one "
-                          "(or HELPER_ALLOW_UNSIGNED=1 for a fleet that does not sign)" % key_file)
     cfg = types.SimpleNamespace(
-        mode=mode, mock=mock, socket_ino=None, key=key,
+        mode=mode, mock=mock, socket_ino=None,
         clock_always=env.get("INFOSCREEN_CLOCK_TRUST", "").strip() == "always",
         socket=env.get("HELPER_SOCKET", "").strip() or "/run/infoscreen-helper/helper.sock",
         state_dir=env.get("HELPER_STATE_DIR", "").strip() or "/var/lib/infoscreen-helper",
+        command_key_file=env.get("HELPER_COMMAND_KEY_FILE", "").strip() or "/etc/infoscreen/command.key",
         users=_ids(env, "HELPER_ALLOWED_USERS", "", lambda n: pwd.getpwnam(n).pw_uid),
         groups=_ids(env, "HELPER_ALLOWED_GROUPS", "infoscreen", lambda n: grp.getgrnam(n).gr_gid),
         grace=_number(env, "HELPER_GRACE_S", 2.0, 0.0, 60.0),
@@ -103,9 +98,13 @@ def load_config(env):
         limit=_number(env, "HELPER_MAX_ACTIONS_PER_HOUR", 3, 0,
                       100 if mode == "production" else 100000, int),
         read_timeout=_number(env, "HELPER_READ_TIMEOUT_S", 1.0, 0.05, 30.0))
-    for name in ("socket", "state_dir"):
+    for name in ("socket", "state_dir", "command_key_file"):
         if not os.path.isabs(getattr(cfg, name)):
             raise ConfigError("HELPER_%s: must be an absolute path" % name.upper())
+    cfg.key = load_key(cfg.command_key_file)
+    if cfg.key is None and mode == "production" and not _flag(env, "HELPER_ALLOW_UNSIGNED"):
+        raise ConfigError("HELPER_COMMAND_KEY_FILE: no command key at %s; production needs one (or "
+                          "HELPER_ALLOW_UNSIGNED=1 for a fleet that does not sign)" % cfg.command_key_file)
     return cfg
 
 def execute(argv, timeout, mock):
@@ -168,9 +167,6 @@ def _load_state(dfd, limit):
         _save_state(dfd, state)
     return state
 
-def _clock_trusted(cfg):
-    return cfg.clock_always or os.path.exists(TIMESYNC_FLAG)
-
 def authenticate(cfg, action, command_id, payload, sig):
     """With a key: the signature over the payload bytes (constant time). Then, from the payload
     itself: this action, this command id, and (with a trusted clock) not expired. Returns the
@@ -185,13 +181,12 @@ def authenticate(cfg, action, command_id, payload, sig):
         if expires.tzinfo is None:
             raise ValueError("no time zone")
     except (P.ProtocolError, KeyError, TypeError, ValueError):
-        raise P.ProtocolError("bad_request", "the payload is not a command with expires_at",
-                              command_id) from None
+        raise P.ProtocolError("bad_request", "payload: no command with expires_at", command_id) from None
     if cmd.get("action") != action or not isinstance(cid, str) or cid.lower() != command_id.lower():
-        raise P.ProtocolError("bad_request", "the payload names another action or command id",
-                              command_id)
+        raise P.ProtocolError("bad_request", "the payload names another action or id", command_id)
     expires, now = expires.timestamp(), time.time()
-    if _clock_trusted(cfg) and not now < expires <= now + KEEP_S:
+    trusted = cfg.clock_always or os.path.exists(TIMESYNC_FLAG)
+    if trusted and not now < expires <= now + KEEP_S:
         raise P.ProtocolError("expired", "expires_at is past or more than 7 days ahead", command_id)
     return expires
 
@@ -229,6 +224,7 @@ def _schedule(action, command_id, expires, cfg):
                    outcome="cancelled: answer not delivered" if cancel else "grace")
         start = time.monotonic()
         try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)   # blocked by handle()
             if cancel:   # never act behind the client's back, and un-count the action while
                 _save_state(lock, state)   # the lock is still ours
                 return
@@ -285,6 +281,8 @@ def handle(conn, cfg):
             conn.shutdown(socket.SHUT_RDWR)   # systemd holds a copy of this fd until we exit
         conn.close()
     rec["duration_ms"] = round((time.monotonic() - start) * 1000, 1)
+    if pending:   # a stop signal from here on arrives inside run_later, which audits it
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     audit(**rec)
     if pending:
         pending(cancel="answer_delivered" in rec)

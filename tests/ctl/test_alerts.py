@@ -81,7 +81,9 @@ def test_clear_all(ctl, device_probe, device_uuid, other_device_uuid):
 
 def test_clear_refused_by_the_acl_is_a_clear_error(ctl_raw, broker, device_uuid, other_device_uuid):
     """A device may not clear another device's alert: PUBACK 135 becomes an error, exit 2."""
-    p = ctl_raw("alerts", "clear", other_device_uuid, "--env", str(broker.device_env_path(device_uuid)))
+    # The device account logs in only under its own client id (bound in the broker).
+    p = ctl_raw("alerts", "clear", other_device_uuid, "--env", str(broker.device_env_path(device_uuid)),
+                "--client-id", device_uuid)
     assert p.wait(10) == 2
     assert "refused the publish to infoscreen/" in p.stderr and "135 (not authorized)" in p.stderr
 

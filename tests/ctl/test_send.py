@@ -197,8 +197,9 @@ def test_follow_after_a_broker_crash_resends_the_same_command(ctl, broker, devic
 
 def test_publish_refused_by_the_acl_is_a_clear_error(ctl_raw, broker, device_uuid):
     """A device account may not write commands: the PUBACK's reason code 135 becomes one line."""
+    # The device account logs in only under its own client id (bound in the broker).
     p = ctl_raw("send", "reboot", "--device", device_uuid, "--wait",
-                "--env", str(broker.device_env_path(device_uuid)))
+                "--env", str(broker.device_env_path(device_uuid)), "--client-id", device_uuid)
     assert p.wait(10) == 2
     assert re.search(r"error: the broker refused the publish to infoscreen/\S+/commands: 135 \(not authorized\)",
                      p.stderr)
@@ -210,7 +211,7 @@ def test_bad_password_is_a_clear_error_without_the_secret(ctl_raw, broker, devic
     pw.write_text("wrong-password-xyz\n")
     pw.chmod(0o600)
     p = ctl_raw("send", "reboot", "--device", device_uuid, "--broker", broker.host, "--port", str(broker.port),
-                "--user", broker.server_user, "--password-file", str(pw))
+                "--user", broker.server_user, "--password-file", str(pw), "--tls", "--ca-file", broker.ca_file)
     assert p.wait(10) == 2
     # Mosquitto answers a wrong password with 135 (not authorized), some brokers with 134
     assert re.search(r"refused the login of infoscreen-server: 13[45] \((bad user name or password|not authorized)\)",

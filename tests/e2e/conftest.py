@@ -179,7 +179,7 @@ def _build_wheels(dest: Path, log_dir: Path) -> None:
         )
 
 
-def _stage(root: Path, wheels: Path, env_text: str, key: bytes) -> None:
+def _stage(root: Path, wheels: Path, env_text: str, key: bytes, ca_file: str | None) -> None:
     src = root / "root/infoscreen-src"
     (src / "scripts").mkdir(parents=True)
     shutil.copy2(ROOT / "scripts/install-device", src / "scripts/install-device")
@@ -187,6 +187,8 @@ def _stage(root: Path, wheels: Path, env_text: str, key: bytes) -> None:
     if (ROOT / "docs").is_dir():
         shutil.copytree(ROOT / "docs", src / "docs")
     shutil.copytree(wheels, root / "root/wheels")
+    if ca_file:  # the fleet CA the env file pins: install-device installs it as /etc/infoscreen/ca.crt
+        shutil.copy2(ca_file, root / "root/fleet-ca.crt")
     dev = root / "root/device.env"
     dev.write_text(env_text)
     dev.chmod(0o600)
@@ -221,15 +223,18 @@ def device(e2e_log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     broker.start()
     env = dict(broker.device_env(uuid))
     env.update(DEVICE_EXTRA_ENV)
+    if env.get("MQTT_CA_FILE"):  # a path on this host: the container gets its own copy
+        env["MQTT_CA_FILE"] = "/root/fleet-ca.crt"
     key = signing.new_key()
     env_text = "".join(f"{k}={v}\n" for k, v in env.items())
 
     run_root = RunRoot(pristine)
     container = Container(run_root.path, "infoscreen-e2e", e2e_log_dir)
     dev = Device(container, broker, uuid, e2e_log_dir, key)
-    dev.base_env = env_text
+    # What install-device leaves in the .env: the CA at its installed path (the unit cannot see /root).
+    dev.base_env = env_text.replace("MQTT_CA_FILE=/root/fleet-ca.crt", "MQTT_CA_FILE=/etc/infoscreen/ca.crt")
     try:
-        _stage(run_root.path, wheels, env_text, key)
+        _stage(run_root.path, wheels, env_text, key, broker.ca_file)
         container.boot()
         r = container.exec(
             [

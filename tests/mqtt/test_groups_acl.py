@@ -105,11 +105,12 @@ def test_event_file_is_never_seen_half_written(mqtt_worker, server):
 
 
 def test_device_cannot_publish_on_its_own_commands_topic(mqtt_worker, mqtt_broker, server):
-    w = mqtt_worker()
+    w = mqtt_worker(start=False)
     srv = server(w)
-    # The device's account, under another client id (the worker holds its own).
+    # The device's account logs in only under its own client id (bound in the broker): the
+    # worker is started once this probe is gone.
     dev = MqttProbe(mqtt_broker.host, mqtt_broker.port, username=mqtt_broker.device_user(w.uuid),
-                    password=mqtt_broker.device_password(w.uuid))
+                    password=mqtt_broker.device_password(w.uuid), client_id=w.uuid)
     dev.connect()
     try:
         body = {"command_id": "5b1c6a43-3c1f-4f57-9b0e-9c5f5b7e7a11", "action": "reboot_host",
@@ -118,6 +119,7 @@ def test_device_cannot_publish_on_its_own_commands_topic(mqtt_worker, mqtt_broke
         assert dev.publish(f"infoscreen/{w.uuid}/command", json.dumps(body).encode()) == NOT_AUTHORIZED
     finally:
         dev.close()
+    w.start()
     # A real command afterwards is handled: the refused one never reached the worker before it.
     cid = srv.command(w.uuid, "reboot_host")
     srv.wait_ack(w.uuid, cid, "completed")
