@@ -105,7 +105,9 @@ DYNSEC_PLUGIN_GLOBS = (
 # Broker limits that bound one client. The worker advertises the same Maximum Packet Size.
 MAX_PACKET_SIZE = 262144
 MAX_QUEUED_MESSAGES = 1000
-MAX_QUEUED_BYTES = 1048576
+# 16 MiB: 64 of the largest packets; a client that reads (an operator's `watch` under a burst
+# of the whole fleet's health, or a hostile screen's flood of its own topics) loses nothing.
+MAX_QUEUED_BYTES = 16 * 1024 * 1024
 MAX_INFLIGHT_MESSAGES = 20
 MAX_KEEPALIVE_S = 120
 MAX_TOPIC_ALIAS = 10

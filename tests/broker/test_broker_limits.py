@@ -82,9 +82,9 @@ def test_an_offline_session_keeps_at_most_1000_messages(broker, device_uuid, ser
     assert got == sent[:len(got)]
 
 
-def test_an_offline_session_keeps_at_most_1_mib(broker, device_uuid, server_probe, device_probe):
+def test_an_offline_session_keeps_at_most_16_mib(broker, device_uuid, server_probe, device_probe):
     chunk = 200 * 1024
-    sent = [bytes([65 + i]) * chunk for i in range(12)]  # 2.4 MiB
+    sent = [bytes([65 + i % 26]) + bytes([48 + i % 10]) * (chunk - 1) for i in range(100)]  # 19.5 MiB
     got = drain_offline_queue(broker, device_uuid, server_probe(), device_probe, sent)
     assert got == sent[:len(got)]
     assert 1 <= len(got) and (len(got) - 1) * chunk <= prov.MAX_QUEUED_BYTES < len(sent) * chunk

@@ -75,6 +75,7 @@ def hostile_payloads(limit: int, honest: str) -> list[bytes]:
         json.dumps({**lie, "actual_state": {"status": f"\x1b[2J\x1b[H{honest} running", "pid": 2},
                     "unit": "\x1b]0;owned\x07.service", "timestamp": "\r\u202e\u2028"}).encode(),
         json.dumps([lie, lie]).encode(),
+        b"[" * 3000 + b"]" * 3000,  # deep, yet under every tool's size cap: the parser's depth bound
         b"",
     ]
 
