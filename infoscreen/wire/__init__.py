@@ -1,5 +1,5 @@
 """The MQTT wire contract shared by the device, the operator tool and the alert unit.
 
 Topics and payload shapes live here once, so every program speaks the contract of
-CONTRACT.md and the seed the same way.
+docs/server-integration.md the same way.
 """

@@ -1,6 +1,6 @@
 """Payload shapes of the wire contract, as msgspec Structs.
 
-The ack is the seed's frozen v1 schema: exactly four keys, nulls included, nothing
+The ack is the contract's frozen v1 schema (docs/server-integration.md): exactly four keys, nulls included, nothing
 added. Inbound commands are parsed leniently (unknown fields ignored, as the contract
 says) and validated field by field by the MQTT worker, which maps each defect to its
 documented error code.
@@ -80,7 +80,7 @@ class CommandOut(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class ServiceFailed(msgspec.Struct):
-    """The retained alert of the OnFailure unit (seed, section 4)."""
+    """The retained alert of the OnFailure unit (docs/server-integration.md, "service_failed")."""
 
     unit: str
     client_uuid: str
@@ -117,7 +117,7 @@ def encode(obj: msgspec.Struct) -> bytes:
 
 
 def utc_now_iso() -> str:
-    """RFC 3339 UTC with a `Z`, second precision, as the seed's examples."""
+    """RFC 3339 UTC with a `Z`, second precision, as the contract's examples."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

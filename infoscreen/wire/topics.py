@@ -1,4 +1,4 @@
-"""Topic names of the wire contract (CONTRACT.md, the seed's ACL table)."""
+"""Topic names of the wire contract (docs/server-integration.md, its ACL table)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The provisioned ACL, enforced by a real Mosquitto (tests/support/broker.py).
 
-Every row of the seed's table both ways, with CONTRACT.md's one change (the server may write
+Every row of the contract's ACL table both ways (docs/server-integration.md), with its one change (the server may write
 service_failed). All checks use MQTT 5 at QoS 1, where Mosquitto answers a refused publish with
 PUBACK reason code 0x87 (135); under MQTT 3.1.1 or at QoS 0 it is dropped silently.
 
@@ -18,7 +18,7 @@ from tests.support.mqtt import NOT_AUTHORIZED, SUCCESS, MqttProbe, accepted
 
 GROUP = "lobby"
 
-# (name, topic template, who may publish) - the seed's table. {u}: the device's uuid.
+# (name, topic template, who may publish) - the contract's table. {u}: the device's uuid.
 SERVER_ONLY = [
     ("commands", "infoscreen/{u}/commands"),
     ("command alias", "infoscreen/{u}/command"),

@@ -47,7 +47,7 @@ ENV_FILE = "/etc/infoscreen/infoscreen.env"
 # does not change (measured: reboot_host then ends `reboot_not_observed`; a bind mount of the proc
 # file fails with 226/NAMESPACE). On a screen the kernel's boot id is the real one. So that the
 # units run here exactly as shipped, this container publishes its boot id in a file at every boot
-# and the device's .env points the client at it with CONTRACT.md's INFOSCREEN_BOOT_ID_FILE.
+# and the device's .env points the client at it with the contract's INFOSCREEN_BOOT_ID_FILE.
 BOOT_ID_COPY = "/run/e2e-boot-id"
 BOOT_ID_UNIT = "e2e-boot-id.service"
 BOOT_ID_UNIT_TEXT = f"""[Unit]

@@ -168,7 +168,7 @@ def test_crash_loop_fails_the_unit_and_the_alert_is_retained_on_the_broker(machi
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", body["failed_at"])
         print(f"crash loop: failed after {took:.1f} s, {starts} start lines; NRestarts={failed['NRestarts']}")
         print("notify-failure journal:\n" + machine.c.journal(NOTIFY_UNIT))
-        # cleared by the server (CONTRACT.md: the server account may write the topic)
+        # cleared by the server (the contract: the server account may write the topic)
         assert probe.publish(alert_topic, b"", retain=True) < 128
     finally:
         probe.close()

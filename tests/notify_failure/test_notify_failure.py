@@ -82,7 +82,7 @@ STOPPED = ("inactive", "dead", "success", "0")
 
 
 # ---------------------------------------------------------------------------- the alert itself
-def test_delivers_the_seed_payload_retained(broker, device_uuid):
+def test_delivers_the_contract_payload_retained(broker, device_uuid):
     t0 = time.time()
     r = run_cli("--no-state-check", UNIT, env=device_environ(broker, device_uuid))
     assert r.returncode == 0, r.stderr
@@ -229,7 +229,7 @@ def test_alert_survives_a_broker_restart_and_clears_with_an_empty_retained_publi
     assert run_cli("--no-state-check", UNIT, env=device_environ(broker, device_uuid)).returncode == 0
     broker.restart()
     assert retained_alert(broker, device_uuid).json()["unit"] == UNIT
-    # The server clears it (CONTRACT.md: the server account may write service_failed).
+    # The server clears it (the contract: the server account may write service_failed).
     server = MqttProbe(broker.host, broker.port, username=broker.server_user, password=broker.server_password)
     server.connect()
     try:

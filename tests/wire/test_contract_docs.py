@@ -356,12 +356,6 @@ def test_anchors_of_the_server_doc_exist() -> None:
         assert anchor in anchors, anchor
 
 
-@pytest.mark.xfail(
-    # The code comments and other docs still cite the contract by a file name outside the repo;
-    # they are reworded to cite docs/server-integration.md at the end of this round.
-    reason="code comments still cite the contract by an outside file name",
-    strict=False,
-)
 def test_no_file_in_the_repo_points_outside_it() -> None:
     offenders = []
     for path in _tracked_text_files():

@@ -1,4 +1,4 @@
-"""Validation of an inbound command against CONTRACT.md, mapping each defect to its code.
+"""Validation of an inbound command against the contract (docs/server-integration.md), mapping each defect to its code.
 
 Pure and total: :func:`validate` never raises, whatever the bytes. It returns either a
 :class:`Command` (valid as far as the payload alone can tell; expiry is judged by the
