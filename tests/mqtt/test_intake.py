@@ -8,7 +8,6 @@ import json
 import socket
 import struct
 import threading
-import time
 import uuid as uuidlib
 
 import psutil

@@ -78,11 +78,16 @@ def _server(broker, uuid) -> Server:
     return s.watch(uuid)
 
 
-def test_the_tree_with_a_keyed_helper_runs_only_signed_commands_once(broker, device_uuid, tree_factory, tmp_path):
+def _keyed_tree(tree_factory, broker, device_uuid, tmp_path):
+    """The whole tree, its helper holding the device's key (and the client seeing it exists)."""
     key = _key_file(tmp_path / "command.key")
     tree = tree_factory(broker, device_uuid, env={"HELPER_COMMAND_KEY_FILE": str(key)})
     tree.helper.env["HELPER_COMMAND_KEY_FILE"] = str(key)
-    tree.start()
+    return tree.start()
+
+
+def test_the_tree_with_a_keyed_helper_runs_only_signed_commands_once(broker, device_uuid, tree_factory, tmp_path):
+    tree = _keyed_tree(tree_factory, broker, device_uuid, tmp_path)
     srv = _server(broker, device_uuid)
     try:
         ok = srv.command(device_uuid, "shutdown_host", key=KEY)
@@ -110,10 +115,7 @@ def test_the_tree_with_a_keyed_helper_runs_only_signed_commands_once(broker, dev
 
 
 def test_a_signed_retained_command_runs_once_across_both_topics(broker, device_uuid, tree_factory, tmp_path):
-    key = _key_file(tmp_path / "command.key")
-    tree = tree_factory(broker, device_uuid, env={"HELPER_COMMAND_KEY_FILE": str(key)})
-    tree.helper.env["HELPER_COMMAND_KEY_FILE"] = str(key)
-    tree.start()
+    tree = _keyed_tree(tree_factory, broker, device_uuid, tmp_path)
     srv = _server(broker, device_uuid)
     try:
         cid = str(uuidlib.uuid4())

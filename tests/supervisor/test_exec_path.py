@@ -5,38 +5,8 @@ from __future__ import annotations
 
 import signal
 import time
-import uuid
 
-import pytest
-
-from infoscreen.wire import topics
-from infoscreen.wire.schema import SCHEMA_VERSION, CommandOut, encode, format_utc
-
-
-@pytest.fixture
-def running(tree_factory, broker, device_uuid, server_probe):
-    tree = tree_factory(broker, device_uuid).start()
-    tree.notify.wait_status(lambda s: "broker=connected" in s, timeout=15)
-    srv = server_probe()
-    srv.subscribe(topics.ack(device_uuid))
-    return tree, srv
-
-
-def send(srv, device: str, action: str = "reboot_host") -> str:
-    cid = str(uuid.uuid4())
-    now = time.time()
-    cmd = CommandOut(schema_version=SCHEMA_VERSION, command_id=cid, client_uuid=device, action=action,
-                     issued_at=format_utc(now), expires_at=format_utc(now + 300))
-    assert srv.publish(topics.commands(device), encode(cmd)) in (0, 16)
-    return cid
-
-
-def statuses(srv, device: str, cid: str, until: set[str], timeout: float = 15.0) -> list[dict]:
-    seen: list[dict] = []
-    while not seen or seen[-1]["status"] not in until:
-        msg = srv.wait_for(topics.ack(device), lambda m: m.json()["command_id"] == cid, timeout=timeout)
-        seen.append(msg.json())
-    return seen
+from tests.support.commands import send, statuses
 
 
 def test_a_command_reaches_the_helper_and_its_outcome_comes_back(running, device_uuid):

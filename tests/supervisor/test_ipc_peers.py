@@ -9,39 +9,12 @@ import time
 import uuid
 
 import psutil
-import pytest
 import zmq
 
 from infoscreen.ipc import messages
 from infoscreen.ipc.channel import endpoint
-from infoscreen.wire import topics
-from infoscreen.wire.schema import SCHEMA_VERSION, CommandOut, encode, format_utc
+from tests.support.commands import send, statuses
 from tests.support.waiting import wait_until
-
-
-@pytest.fixture
-def running(tree_factory, broker, device_uuid, server_probe):
-    tree = tree_factory(broker, device_uuid).start()
-    tree.notify.wait_status(lambda s: "broker=connected" in s, timeout=15)
-    srv = server_probe()
-    srv.subscribe(topics.ack(device_uuid))
-    return tree, srv
-
-
-def send(srv, device: str, action: str) -> str:
-    cid = str(uuid.uuid4())
-    now = time.time()
-    cmd = CommandOut(schema_version=SCHEMA_VERSION, command_id=cid, client_uuid=device, action=action,
-                     issued_at=format_utc(now), expires_at=format_utc(now + 300))
-    assert srv.publish(topics.commands(device), encode(cmd)) in (0, 16)
-    return cid
-
-
-def statuses(srv, device: str, cid: str, until: set[str], timeout: float = 15.0) -> list[dict]:
-    seen: list[dict] = []
-    while not seen or seen[-1]["status"] not in until:
-        seen.append(srv.wait_for(topics.ack(device), lambda m: m.json()["command_id"] == cid, timeout=timeout).json())
-    return seen
 
 
 def impostor(ctx: zmq.Context, tree, identity: bytes = b"mqtt"):
