@@ -111,13 +111,13 @@ def test_power_cut_with_commands_in_flight(machine: Device):
         c.wait_unit(UNIT, lambda p: "broker=connected" in p["StatusText"], 30, "broker=connected")
         boot1 = c.boot_id()
 
-        # R: scheduled by the helper, its grace running.
+        # R: scheduled by the helper, its grace running (from a moment after this one).
+        t_scheduled = time.monotonic()
         assert machine.publish_command(probe, r, retain=True) < 128
         for t in ACK_TOPICS:
             probe.wait_for(machine.topic(t), lambda m: m.json() == {"command_id": rid, "status": "execution_started",
                                                                     "error_code": None, "error_message": None},
                            timeout=30)
-        t_scheduled = time.monotonic()
         audit = _wait(lambda: (a := helper_audit(machine)).pending == rid and a, 20, "the helper in R's grace")
         assert audit.scheduled[rid] == 1
 
