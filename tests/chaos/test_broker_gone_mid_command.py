@@ -50,7 +50,7 @@ def test_worker_survives_the_broker_leaving_while_it_handles_a_command(tree_fact
     handled = f"command {cmd.command_id} (shutdown_host): accepted, execution requested"
     try:
         # The same worker handles the command and notices the loss at once.
-        wait_until(lambda: handled in tree.log_text() and mark in tree.log_text(), 5,
+        wait_until(lambda: handled in tree.log_text() and mark in tree.log_text(), 3,
                    what="the command handled and the loss noticed by the same worker")
         assert tree.workers().get("mqtt") == worker
     finally:

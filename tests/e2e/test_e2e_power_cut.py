@@ -9,8 +9,9 @@ stops, nothing is flushed by the container), then a new boot on the same disk:
 - E, signed, expired before it was sent: refused `expired`;
 - D, R again on the alias topic: a duplicate, answered with R's latest status;
 - the acks of B1, B2, E and D are in the MQTT worker's outbox and the broker is down: the worker
-  was frozen (SIGSTOP) while the commands were delivered and the broker was stopped before it
-  could answer, so it handled them with no broker to publish to.
+  was frozen (SIGSTOP) while the commands were delivered, the broker was frozen before the worker
+  resumed, so the worker's acks went into a TCP buffer nobody read, and then the broker was
+  SIGKILLed (it comes back from the database it wrote at a clean restart before R).
 
 After the boot (the broker started again only once the client runs): every command ends with
 exactly one terminal ack on both ack topics (R `completed`: a new boot was observed; B1, B2
@@ -23,6 +24,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import re
+import signal
 import time
 import uuid as uuidlib
 from datetime import datetime, timedelta, timezone
@@ -97,18 +101,26 @@ def test_power_cut_with_commands_in_flight(machine: Device):
     c, broker = machine.c, machine.broker
     machine.reset()
     helper_env = c.exec(["cat", HELPER_ENV]).stdout
-    # A persistent session: the acks published while this probe reconnects after the outage wait
-    # for it at the broker.
+    # A persistent session: what the client publishes while this probe is away waits for it.
     probe = MqttProbe(broker.host, broker.port, username=broker.server_user, password=broker.server_password,
                       client_id=f"e2e-power-cut-{uuidlib.uuid4()}", clean_start=False, session_expiry=900).connect()
     r = command(machine, "reboot_host")
     rid = r["command_id"]
+    frozen_broker = False
     try:
         # Read by each helper instance at its start (Accept=yes): no restart needed.
         c.exec(["sh", "-c", f"cat >> {HELPER_ENV}"], input=f"HELPER_GRACE_S={GRACE_S}\n")
         for t in ACK_TOPICS:
             probe.subscribe(machine.topic(t))
-        c.wait_unit(UNIT, lambda p: "broker=connected" in p["StatusText"], 30, "broker=connected")
+        n = reconnects(c.wait_unit(UNIT, lambda p: "broker=connected" in p["StatusText"], 30, "connected"))
+        # A clean restart writes the broker's database with this probe's session and subscriptions:
+        # the broker is SIGKILLed below and comes back from that file.
+        broker.stop()
+        broker.start()
+        probe.connect(timeout=10)
+        for t in ACK_TOPICS:  # kept in the broker's database; again in case it was not
+            probe.subscribe(machine.topic(t))
+        c.wait_unit(UNIT, lambda p: "broker=connected" in p["StatusText"] and reconnects(p) > n, 60, "reconnected")
         boot1 = c.boot_id()
 
         # R: scheduled by the helper, its grace running (from a moment after this one).
@@ -121,7 +133,10 @@ def test_power_cut_with_commands_in_flight(machine: Device):
         audit = _wait(lambda: (a := helper_audit(machine)).pending == rid and a, 20, "the helper in R's grace")
         assert audit.scheduled[rid] == 1
 
-        # B1, B2, E, D delivered to a frozen worker; the broker stopped before it can answer.
+        # B1, B2, E, D go into the socket of a frozen worker; then the broker is frozen too, so the
+        # worker handles them with a broker that takes its acks into the TCP buffer and never
+        # answers; then the broker dies (SIGKILL) with those acks unread. (A broker that closes the
+        # connection instead trips the worker's deadlock of tests/chaos/test_broker_gone_mid_command.py.)
         b1, b2 = command(machine, "shutdown_host"), command(machine, "reboot_host")
         e = command(machine, "reboot_host", expired=True)
         worker = machine.worker_pid("infoscreen.workers.mqtt")
@@ -131,11 +146,14 @@ def test_power_cut_with_commands_in_flight(machine: Device):
                 assert machine.publish_command(probe, cmd) == 0  # 0: the device's session got it
             assert machine.publish_command(probe, r, topic="command") == 0  # D
         finally:
-            broker.stop()
+            os.kill(broker.pid, signal.SIGSTOP)
+            frozen_broker = True
             c.exec(["kill", "-CONT", str(worker)])
         for pattern in (rf"rejected command {b1['command_id']}: busy", rf"rejected command {b2['command_id']}: busy",
                         rf"rejected command {e['command_id']}: expired", rf"duplicate command {rid}"):
             c.wait_journal(pattern, unit=UNIT, timeout=30)
+        broker.kill()
+        frozen_broker = False
         # Still in flight: the grace has not run out, R has not been executed, nothing rebooted.
         assert time.monotonic() - t_scheduled < GRACE_S - 5, "too slow: the cut would miss R's grace"
         assert helper_audit(machine).pending == rid and c.running
@@ -188,6 +206,8 @@ def test_power_cut_with_commands_in_flight(machine: Device):
               f"{ {cid[:8]: got[0] for cid, got in ((k, outcomes(probe, machine, k)) for k in sent)} }; "
               f"helper refusals {dict(after.refusals)}; boots {c.boots}")
     finally:
+        if frozen_broker:
+            broker.kill()
         if not broker.running:
             broker.start()
         if probe.connected or _reconnect(probe):
@@ -197,6 +217,11 @@ def test_power_cut_with_commands_in_flight(machine: Device):
             c.exec(["sh", "-c", f"cat > {HELPER_ENV}"], input=helper_env)
         else:
             c.write_file(HELPER_ENV, helper_env, 0o600)
+
+
+def reconnects(props: dict[str, str]) -> int:
+    m = re.search(r"broker=\w+\(reconnects=(\d+)\)", props["StatusText"])
+    return int(m.group(1)) if m else -1
 
 
 def _reconnect(probe: MqttProbe) -> bool:
