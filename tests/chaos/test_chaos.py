@@ -367,10 +367,13 @@ def test_no_command_lost_or_run_twice_whatever_is_killed(tree_factory, broker, d
     completed_not_run = sum(1 for c in sent if outcome[c][0] == "completed" and not audit.executions[c])
     failed_but_run = sum(1 for c in sent if outcome[c][0] == "failed" and audit.executions[c])
     kills = {k: v for k, v in sorted(chaos.counts.items())}
+    # Replaced by the supervisor's hang timeout: what the deadlock of test_broker_gone_mid_command.py
+    # looks like from outside (a broker restart while the worker publishes from a paho callback).
+    hangs = tree.log_text().count("hung (heartbeats stopped)")
     print(f"\nchaos (seed {seed}): {chaos_s:.0f} s, {len(sent)} commands ({accepted} accepted), "
           f"{sum(audit.executions.values())} executions; kills {kills}; outcomes {dict(outcomes)}; "
           f"completed but not run (helper died in its grace) {completed_not_run}, "
           f"failed but run (the answer died with the supervisor) {failed_but_run}; "
-          f"helper refusals {dict(audit.refusals)}; "
+          f"helper refusals {dict(audit.refusals)}; MQTT worker hangs {hangs}; "
           f"watchdog lapse max {max(chaos.lapses, default=0):.2f} s, "
           f"unit restart to READY max {max(chaos.restarts, default=0):.2f} s")
