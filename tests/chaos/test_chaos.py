@@ -33,7 +33,7 @@ Most outcomes are `busy`, by design: while a part is down the broker queues the 
 arrive in a burst in which only one power command can be in flight.
 
 Short form in every run (about 12 s of chaos, about 15 s in all); INFOSCREEN_SOAK_S=300 for a
-soak; INFOSCREEN_CHAOS_SEED=<n> replays a run's random choices.
+soak; INFOSCREEN_CHAOS_SEED=<n> replays a run's random choices (not its timing).
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ class Sent:
 
 
 class Load:
-    """The server side: random signed-off power commands, some repeated on the alias topic, a
-    few already expired, the rest valid for 45 to 120 s."""
+    """The server side: random power commands (unsigned: this tree has no command key), some
+    repeated on the alias topic, a few already expired, the rest valid for 45 to 120 s."""
 
     def __init__(self, srv, device_uuid: str, rnd: random.Random) -> None:
         self.srv, self.uuid, self.rnd = srv, device_uuid, rnd
