@@ -4,12 +4,13 @@ The worker is frozen (SIGSTOP) while the broker delivers a command into its sock
 stopped, and the worker resumes: it reads the command, then the end of the connection. Handling
 the command publishes its acks from inside paho's `on_message` callback; the broker is gone, so a
 write fails, and paho-mqtt 2.2 reports the loss (`_do_on_disconnect`) under its non-reentrant
-`_in_callback_mutex`, which that same thread holds for `on_message`: the worker deadlocks
+`_in_callback_mutex`, which that same thread holds for `on_message`: the worker deadlocked
 (faulthandler's stack: intake -> lifecycle._intake -> outbox.kick -> Connection.publish ->
 Connection._flush -> paho loop_write -> _loop_rc_handle -> _do_on_disconnect). Nothing is lost
 (the command's record and ack rows were committed first), but the worker is dead to the world
-until the supervisor's hang timeout (WORKER_HANG_TIMEOUT_S, 10 s by default) replaces it, and the
-commands still in its socket buffer die with it (the broker delivers them again later).
+until the supervisor's hang timeout (WORKER_HANG_TIMEOUT_S, 10 s by default) replaced it, and the
+commands still in its socket buffer died with it (the broker delivered them again later).
+Fixed: Connection writes nothing from inside loop_read; _on_readable flushes once it returned.
 """
 
 from __future__ import annotations
@@ -19,17 +20,12 @@ import signal
 import time
 import uuid
 
-import pytest
 
 from infoscreen.wire import topics
 from infoscreen.wire.schema import SCHEMA_VERSION, CommandOut, encode, format_utc
 from tests.support.waiting import wait_until
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: Connection.publish flushes (paho loop_write) inside paho's on_message callback; "
-    "a failed write there calls on_disconnect under paho's non-reentrant _in_callback_mutex, held "
-    "by the same thread: the MQTT worker deadlocks until the hang timeout replaces it"))
 def test_worker_survives_the_broker_leaving_while_it_handles_a_command(tree_factory, broker, device_uuid,
                                                                       server_probe):
     # A hang timeout far beyond the window below: the supervisor must not hide a hang.

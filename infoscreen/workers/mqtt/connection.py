@@ -137,6 +137,7 @@ class Connection:
         self._failures = 0
         self._warned_login = warned_login
         self._stopping = False
+        self._reading = False  # inside loop_read: paho callbacks run, nothing is written
         self.subscriptions: set[str] = set()
         self._pub_topics: dict[int, str] = {}
         self.connect_timeout = max(0.5, min(3.0, cfg.worker_hang_timeout_s / 4))
@@ -262,9 +263,13 @@ class Connection:
 
     # -- I/O -------------------------------------------------------------------------------
     def _flush(self) -> None:
-        """Write what paho queued; keep a writer registered only while bytes remain."""
+        """Write what paho queued; keep a writer registered only while bytes remain.
+
+        Never from inside loop_read (a publish or subscribe made by a paho callback): a write
+        that fails there makes paho call on_disconnect under the callback lock it already holds
+        for on_message, a deadlock. _on_readable flushes once loop_read has returned."""
         c = self.client
-        if c is None or self._sock is None:
+        if c is None or self._sock is None or self._reading:
             return
         if c.want_write():
             rc = c.loop_write()
@@ -282,6 +287,14 @@ class Connection:
         c = self.client
         if c is None:
             return
+        self._reading = True
+        try:
+            self._read_all(c)
+        finally:
+            self._reading = False
+        self._flush()
+
+    def _read_all(self, c: mqtt.Client) -> None:
         c.loop_read()
         # With TLS, whole packets can wait decrypted in the SSL object while the socket itself
         # has nothing more to read, so the poller would not wake us for them: drain them now.
@@ -289,7 +302,6 @@ class Connection:
         while c is self.client and sock is not None and getattr(sock, "pending", lambda: 0)() > 0:
             c.loop_read()
             sock = c.socket()
-        self._flush()
 
     def _on_writable(self) -> None:
         c = self.client
