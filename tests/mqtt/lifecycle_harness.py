@@ -13,6 +13,7 @@ is recorded and acknowledged).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import json
@@ -54,6 +55,9 @@ class ClockLoop:
     def call_later(self, delay: float, callback) -> Timer:
         return self.call_at(self.time() + delay, callback)
 
+    def pending(self) -> list[Timer]:
+        return [t for _, _, t in self._timers if not t.cancelled]
+
     def advance(self, seconds: float) -> None:
         end = self.clock.mono() + seconds
         while self._timers and self._timers[0][0] <= end:
@@ -68,11 +72,15 @@ class ClockLoop:
             self.clock.advance(end - self.clock.mono())
 
 
+_order = itertools.count()  # one sequence over everything the worker sends or publishes
+
+
 @dataclass
 class Sent:
     process: int  # which start of the worker sent it
     transition: int  # the index of the transition being applied when it was sent
     msg: messages.Msg
+    seq: int = dataclasses.field(default_factory=lambda: next(_order))
 
 
 @dataclass
@@ -80,11 +88,13 @@ class Published:
     transition: int
     topic: str
     ack: dict[str, Any]
+    seq: int = dataclasses.field(default_factory=lambda: next(_order))
 
 
 class Device:
     def __init__(self, tmp: Path, clock: FakeClock | None = None, **env: str) -> None:
         self.dir = Path(tmp)
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock or FakeClock()
         self.boot_file = self.dir / "boot_id"
         self.boot_file.write_text(str(uuidlib.uuid4()) + "\n")
@@ -193,6 +203,10 @@ class Device:
 
     def statuses(self, cid: str, topic: str = ACK_TOPICS[0]) -> list[str]:
         return [a["status"] for a in self.acks(cid, topic)]
+
+    def command_timers(self) -> list[Timer]:
+        """The lifecycle's timers still pending in the loop (the outbox has its own)."""
+        return [t for t in self.loop.pending() if getattr(t.callback, "__qualname__", "").startswith("Lifecycle.")]
 
     def of(self, cid: str) -> list[Transition]:
         return [t for t in self.transitions if t.command_id == cid]
