@@ -15,30 +15,26 @@ its latest status whatever else is wrong with the copy):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 from ...wire.schema import ErrorCode
 
 
-@dataclass(frozen=True)
-class Ignore:
+class Ignore(msgspec.Struct, frozen=True):
     reason: str
 
 
-@dataclass(frozen=True)
-class Repeat:
+class Repeat(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True)
-class Refuse:
+class Refuse(msgspec.Struct, frozen=True):
     code: str
     message: str
     own_deadline: bool = False  # keep the failed ack until the command's expiry when later
 
 
-@dataclass(frozen=True)
-class Admit:
+class Admit(msgspec.Struct, frozen=True):
     pass
 
 

@@ -17,7 +17,7 @@ Effects:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import msgspec
 
 from ...wire.schema import ERROR_CODES, AckStatus, ErrorCode
 from .command_states import Event, Kind, State, Timer
@@ -32,48 +32,40 @@ MAX_MESSAGE = 300
 
 
 # -- effects -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Commit:
+class Commit(msgspec.Struct, frozen=True):
     acks: tuple[str, ...]  # the ack statuses committed with the record, in order
     code: str | None = None  # a failed status: this code, or (None) the event's
     message: str | None = None  # the event's message if it has one, else this
 
 
-@dataclass(frozen=True)
-class RequestExecution:
+class RequestExecution(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True)
-class Publish:
+class Publish(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True)
-class Query:
+class Query(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True)
-class Arm:
+class Arm(msgspec.Struct, frozen=True):
     timer: Timer
 
 
-@dataclass(frozen=True)
-class Cancel:
+class Cancel(msgspec.Struct, frozen=True):
     timers: frozenset[Timer]
 
 
-@dataclass(frozen=True)
-class Reanswer:
+class Reanswer(msgspec.Struct, frozen=True):
     pass
 
 
 Effect = Commit | RequestExecution | Publish | Query | Arm | Cancel | Reanswer
 
 
-@dataclass(frozen=True)
-class Occurrence:
+class Occurrence(msgspec.Struct, frozen=True):
     """An event with what came with it (a refusal's or the supervisor's code and message)."""
 
     event: Event
@@ -81,14 +73,12 @@ class Occurrence:
     message: str | None = None
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(msgspec.Struct, frozen=True):
     new: State
     effects: tuple[Effect, ...] = ()
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(msgspec.Struct, frozen=True):
     key: tuple[State, Kind | None, Event]  # the row that matched
     new: State
     effects: tuple[Effect, ...]
@@ -178,7 +168,7 @@ def _complete(effect: Effect, occ: Occurrence) -> Effect:
         return effect
     code = effect.code or occ.code or ErrorCode.EXECUTION_FAILED.value
     message = occ.message if occ.message is not None else (effect.message or code)
-    return replace(effect, code=code, message=message)
+    return msgspec.structs.replace(effect, code=code, message=message)
 
 
 def result_occurrence(event: Event, error_code: str | None, error_message: str | None) -> Occurrence:

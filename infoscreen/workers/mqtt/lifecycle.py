@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from ...config import ClientConfig
 from ...ipc import messages
@@ -44,20 +45,18 @@ PURGE_EVERY_S = 600.0
 WALL_FLOOR = "wall_floor"  # the latest wall time seen while the clock was synchronised
 
 
-@dataclass
-class Live:
+class Live(msgspec.Struct):
     """A command this process is handling: its record, where it is, what it waits for."""
 
     rec: Record
     state: State
     kind: Kind | None
-    timers: dict[Timer, LoopTimer] = field(default_factory=dict)
+    timers: dict[Timer, LoopTimer] = msgspec.field(default_factory=dict)
     queries: int = 0  # ExecQuery sent in this process
     request: messages.ExecRequest | None = None  # until sent (admitted commands only)
 
 
-@dataclass(frozen=True)
-class Transition:
+class Transition(msgspec.Struct, frozen=True):
     command_id: str
     key: tuple[State, Kind | None, Event]  # the row of the table that matched
     old: State
