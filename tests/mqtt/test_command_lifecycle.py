@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import uuid
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -191,19 +192,24 @@ def test_pairs_without_a_row_are_ignored_and_logged(tmp_path, caplog):
     dev.stop()
 
 
-def test_the_path_of_a_command_is_one_read_and_one_transaction(tmp_path):
+def test_the_path_of_a_command_is_one_read_and_one_transaction_with_its_evidence(tmp_path):
     dev = Device(tmp_path)
-    dev.command("shutdown_host")  # a command executed before: evidence exists
+    dev.result(dev.command("shutdown_host"), ok=True)  # a command executed before: evidence exists
     dev.restart()
-    dev.settle()
     statements: list[str] = []
     dev.store.db.set_trace_callback(statements.append)
-    dev.lc.on_command(dev.payload("reboot_host"), "infoscreen/x/commands", None)
+    cid = str(uuid.uuid4())
+    dev.lc.on_command(dev.payload("reboot_host", cid), "infoscreen/x/commands", None)
     dev.store.db.set_trace_callback(None)
+    assert dev.last(cid).new is State.REQUESTED and len(dev.requests(cid)) == 1
     selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
     assert len(selects) == 1 and "FROM commands WHERE key" in selects[0]
     assert [s for s in statements if s.strip().upper() in ("BEGIN IMMEDIATE", "COMMIT")] == \
         ["BEGIN IMMEDIATE", "COMMIT"]
+    # The record, its ack rows and the power evidence are that one transaction.
+    txn = statements[statements.index("BEGIN IMMEDIATE"):statements.index("COMMIT")]
+    assert any("INTO commands" in s for s in txn) and any("INTO kv" in s for s in txn)
+    assert sum("INTO outbox" in s for s in txn) == 4  # accepted and execution_started, both topics
     dev.stop()
 
 

@@ -55,6 +55,24 @@ def test_a_failed_result_keeps_a_known_code_and_maps_an_unknown_one():
     assert result_occurrence(Event.DONE, None, None) == Occurrence(Event.DONE)
 
 
+def test_the_supervisor_never_reports_a_failure_without_a_code():
+    # Why the table has no "known, not ok, no code" case: the helper client refuses such an
+    # answer from the helper (helper_rejected), and every failure it or the executor makes
+    # has a code.
+    import json
+
+    from infoscreen.helper import protocol
+    from infoscreen.supervisor import helper_client
+
+    answer = {"v": protocol.VERSION, "ok": False, "command_id": None, "mock": False, "error_code": None,
+              "error_message": "x"}
+    with pytest.raises(protocol.ProtocolError):
+        helper_client.decode_response(json.dumps(answer).encode())
+    for helper_code in ("busy", "signature_invalid", "exec_failed", "exec_timeout", "anything"):
+        out = helper_client._map_answer(dict(answer, error_code=helper_code))
+        assert not out.ok and out.error_code
+
+
 # -- admission ----------------------------------------------------------------------------------------
 def test_admission_order():
     ok = dict(command_id="c", known=False)
