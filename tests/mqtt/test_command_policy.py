@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infoscreen.workers.mqtt import admission, command_policy, command_states
+from infoscreen.workers.mqtt import admission, command_policy
 from infoscreen.workers.mqtt.command_policy import (ANY, TABLE, Arm, Cancel, Commit, Occurrence, Publish, Query,
                                                     Reanswer, RequestExecution, result_occurrence, step)
 from infoscreen.workers.mqtt.command_states import (STATUS, TERMINAL, Event, Kind, State, Timer, kind_of,
