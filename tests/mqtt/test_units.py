@@ -194,33 +194,21 @@ def test_unsynchronised_clock_refuses_a_command_older_than_a_time_already_seen()
     assert judge(floor + 300, floor - 300, c, "b", wall_floor=floor)[0] is None
 
 
-def test_a_deadline_carried_over_a_reboot_keeps_only_what_was_left():
+def test_a_deadline_carried_over_a_reboot_keeps_only_what_was_left(tmp_path):
     # Received with a 600 s budget 5 days into a boot, unsynchronised; after a reboot the budget
     # left must be rebased onto the new boot's clock, never inflated by the old boot's uptime.
-    from infoscreen.workers.mqtt.lifecycle import Lifecycle
+    from .lifecycle_harness import Device
 
-    c = FakeClock(mono=5 * 86400.0, synced=False)
-    d = Deadline(expires_wall=c.wall() + 600, deadline_mono=c.mono() + 600, boot_id="old", updated_mono=c.mono())
+    # (A wall clock far ahead: no floor of this machine's can make the command expired.)
+    c = FakeClock(wall=4_102_444_800.0, mono=5 * 86400.0, synced=False)
+    dev = Device(tmp_path, clock=c)
+    cid = dev.command("shutdown_host", expires_in=600)  # left unanswered: the power goes off
+    assert dev.statuses(cid) == ["accepted", "execution_started"]
+    dev.stop()
     c._mono = 30.0  # the new boot, 30 s in
-    left = d.remaining(c, "new")
-    assert 0 < left <= 600 - 30 + 1e-6
-    rec = Record(key="k", command_id="k", action="reboot_host", status="execution_started", error_code=None,
-                 error_message=None, received_wall=c.wall(), deadline=d)
-
-    class _Store:
-        def update(self, rec, acks, kv=None):
-            return []
-
-        def kv_get(self, k, default=None):
-            return default
-
-    class _Outbox:
-        def add(self, rows, deadline):
-            pass
-
-    lc = Lifecycle.__new__(Lifecycle)
-    lc.clock, lc.boot_id, lc.store, lc.outbox = c, "new", _Store(), _Outbox()
-    lc.inflight, lc._timers, lc._queries, lc.mock, lc.ack_topics = {}, {}, {}, False, ("a", "b")
-    lc._transition(rec, "completed")
-    assert rec.deadline.boot_id == "new"
-    assert rec.deadline.deadline_mono - c.mono() == pytest.approx(left)
+    dev.new_boot()
+    dev.start()  # a new boot: completed, with the deadline carried over
+    assert dev.statuses(cid)[-1] == "completed"
+    rec = dev.store.get(cid.lower())
+    assert rec.deadline.boot_id == dev.boot_id
+    assert rec.deadline.deadline_mono - c.mono() == pytest.approx(600 - 30)

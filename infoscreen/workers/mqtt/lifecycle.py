@@ -1,20 +1,14 @@
-"""The life of a command: validated, recorded, executed at most once, answered until done.
+"""The life of a command, interpreted: messages and timers in, the table's effects out.
 
-States (the record's ``status`` in the store; every change is committed together with
-its ack rows before anything is published or requested):
-
-    (new) --reject--> failed(code)                       [no execution]
-    (new) --accept--> execution_started --ExecRequest--> ...
-          ... ExecResult ok (mock)            -> completed
-          ... ExecResult ok, shutdown_host    -> completed
-          ... ExecResult ok, reboot_host      -> wait for a new boot id
-          ... new boot id observed at start   -> completed
-          ... same boot after REBOOT_GRACE_S  -> failed(reboot_not_observed)
-          ... ExecResult failed(code)         -> failed(code)
-
-``accepted`` and ``execution_started`` are committed in one transaction (one fsync),
-then ``ExecRequest`` is sent exactly once, then the acks are published in that order.
-A restarted worker never sends ``ExecRequest`` again: it asks ``ExecQuery``.
+The decisions are elsewhere and pure: :mod:`.admission` (what to do with a received command),
+:mod:`.command_policy` (the table (state, kind, event) -> new state and effects) over
+:mod:`.command_states`. This module turns what happens into events (a command, a repeat, an
+``ExecResult``, a timer, a start after a crash) and applies the effects of the matching row in
+one place, :meth:`Lifecycle._apply`, in the row's order: for a new command, the record with the
+``accepted`` and ``execution_started`` rows in one transaction (one fsync), then the one
+``ExecRequest``, then the acks handed to the outbox. A restarted worker never sends
+``ExecRequest`` again: a record left in ``execution_started`` asks ``ExecQuery``.
+Boot and downtime evidence listens to the transitions (:mod:`.evidence`).
 """
 
 from __future__ import annotations
@@ -24,31 +18,50 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from ...config import ClientConfig
 from ...ipc import messages
-from ...loop import Loop, Timer
+from ...loop import Loop, Timer as LoopTimer
 from ...wire import signing, topics
-from ...wire.schema import ERROR_CODES, Ack, AckStatus, Action, ErrorCode, encode_ack, format_utc
-from . import bootid
-from .crashpoint import crash
+from ...wire.schema import Ack, ErrorCode, encode_ack
+from . import admission, bootid
 from .clock import RECORD_KEEP_S, Clock, Deadline, judge, rejection_deadline, wall_floor_from_timesyncd
+from .command_policy import (FAILED, STARTED, Arm, Cancel, Commit, Occurrence, Publish, Query, Reanswer,
+                             RequestExecution, Step, result_occurrence, step)
+from .command_states import STATUS, TERMINAL, Event, Kind, State, Timer, kind_of, result_event, state_of_status
+from .crashpoint import crash
+from .evidence import Evidence
 from .outbox import Outbox
-from .store import Record, Store
+from .store import OutRow, Record, Store
 from .validation import Command, Rejection, validate
 
 log = logging.getLogger(__name__)
 
 QUERY_EVERY_S = 2.0
 QUERY_TRIES = 5
+RESULT_WAIT_EXTRA_S = 3.0  # past HELPER_TIMEOUT_S: the supervisor answers within it, plus the IPC
 PURGE_EVERY_S = 600.0
-LAST_POWER = "last_power_command"
 WALL_FLOOR = "wall_floor"  # the latest wall time seen while the clock was synchronised
-SHUTDOWN_EVIDENCE = "shutdown_evidence"
 
-STARTED = AckStatus.EXECUTION_STARTED.value
-COMPLETED = AckStatus.COMPLETED.value
-FAILED = AckStatus.FAILED.value
-ACCEPTED = AckStatus.ACCEPTED.value
+
+class Live(msgspec.Struct):
+    """A command this process is handling: its record, where it is, what it waits for."""
+
+    rec: Record
+    state: State
+    kind: Kind | None
+    timers: dict[Timer, LoopTimer] = msgspec.field(default_factory=dict)
+    queries: int = 0  # ExecQuery sent in this process
+    request: messages.ExecRequest | None = None  # until sent (admitted commands only)
+
+
+class Transition(msgspec.Struct, frozen=True):
+    command_id: str
+    key: tuple[State, Kind | None, Event]  # the row of the table that matched
+    old: State
+    new: State
+    effects: tuple[Any, ...]
 
 
 class Lifecycle:
@@ -62,6 +75,7 @@ class Lifecycle:
         boot_id: str | None,
         send: Callable[[messages.Msg], bool],
         info_log: Callable[[str], None],
+        on_transition: Callable[[Transition], None] = lambda t: None,
     ) -> None:
         self.cfg = cfg
         self.uuid = cfg.client_uuid or ""
@@ -71,68 +85,66 @@ class Lifecycle:
         self.clock = clock
         self.boot_id = boot_id
         self.send = send
-        self.info_log = info_log
+        self.on_transition = on_transition
         self.ack_topics = topics.ack_topics(self.uuid)
-        self.inflight: dict[str, Record] = {}
-        self._timers: dict[str, list[Timer]] = {}
-        self._queries: dict[str, int] = {}
-        self.reconnect_mono: float | None = None
+        self.inflight: dict[str, Live] = {}
         self.counts = {"received": 0, "rejected": 0, "duplicates": 0, "no_id": 0, "exec_requests": 0}
-        self.mock = cfg.mock_execution and not cfg.production
+        self.evidence = Evidence(store, clock, boot_id, info_log)
         self._floor: float | None = None  # cache of the stored wall-clock floor
+        self._last_purge = 0.0
 
-    # -- acks -------------------------------------------------------------------------------
-    def _acks(self, rec: Record, status: str | None = None) -> list[tuple[str, bytes]]:
-        status = status or rec.status
-        code = rec.error_code if status == FAILED else None
-        msg = rec.error_message if status == FAILED else None
-        payload = encode_ack(Ack(command_id=rec.command_id, status=status, error_code=code, error_message=msg))
-        return [(t, payload) for t in self.ack_topics]
+    def _kind(self, action: str | None) -> Kind | None:
+        return kind_of(action, self.cfg.mock_execution, self.cfg.production)
 
-    def _transition(self, rec: Record, status: str, code: str | None = None, message: str | None = None) -> None:
-        rec.status = status
-        rec.error_code = code
-        rec.error_message = message
-        now_m = self.clock.mono()
-        if rec.deadline.boot_id != self.boot_id:
-            # Carried over a reboot: rebase what was left of the budget onto this boot's
-            # monotonic clock (computed before updated_mono changes: it is the old boot's).
-            left = rec.deadline.remaining(self.clock, self.boot_id)
-            rec.deadline = Deadline(rec.deadline.expires_wall, now_m + max(0.0, left), self.boot_id, now_m)
-        else:
-            rec.deadline.updated_mono = now_m
-        kv = self._evidence_status(rec) or {}
-        if status == COMPLETED and rec.action == Action.SHUTDOWN.value and not self.mock:
-            kv[SHUTDOWN_EVIDENCE] = self._shutdown_evidence(rec)
-        rows = self.store.update(rec, self._acks(rec), kv=kv)
-        if status in (COMPLETED, FAILED):
-            self.inflight.pop(rec.key, None)
-            for t in self._timers.pop(rec.key, []):
-                t.cancel()
-            self._queries.pop(rec.key, None)
-        self.outbox.add(rows, rec.deadline)
-        log.info("command %s (%s): %s%s", rec.command_id, rec.action, status, f" {code}: {message}" if code else "")
-
-    # -- intake ----------------------------------------------------------------------------------
+    # -- commands in --------------------------------------------------------------------------
     def on_command(self, payload: bytes, topic: str, signature: str | None = None) -> None:
         self.counts["received"] += 1
         res = validate(payload, self.uuid)
-        if isinstance(res, Rejection) and res.command_id is None:
+        existing = self.store.get(res.key) if res.key is not None else None
+        facts: dict[str, Any] = {"command_id": res.command_id, "known": existing is not None}
+        deadline = None
+        if isinstance(res, Rejection):
+            facts["defect"] = (res.error_code, res.error_message)
+        elif existing is None:
+            # A stat only for a command without a well-formed signature; the floor only for
+            # an unsynchronised clock: nothing more on the common path.
+            facts["unsigned_on_keyed"] = (not signing.well_formed(signature)
+                                          and os.path.exists(self.cfg.command_key_file))
+            floor = None if self.clock.synchronized() else self.wall_floor()
+            code, message, deadline = judge(res.expires_at, res.issued_at, self.clock, self.boot_id, floor)
+            if code is None and deadline is None:
+                code = ErrorCode.EXPIRED.value
+            facts["expiry"] = (code, message)
+            busy = next(iter(self.inflight.values()), None)
+            facts["busy_with"] = (busy.rec.command_id, busy.rec.action) if busy is not None else None
+        verdict = admission.admit(**facts)
+        if isinstance(verdict, admission.Ignore):
             self.counts["no_id"] += 1
             log.warning("ignored a payload on %s without a readable command_id (%d bytes): %s",
-                        topic, len(payload), res.error_message)
+                        topic, len(payload), res.error_message if isinstance(res, Rejection) else verdict.reason)
             return
-        key = res.key
-        assert key is not None
-        existing = self.store.get(key)
-        if existing is not None:
-            self._duplicate(existing)
+        if isinstance(verdict, admission.Repeat):
+            assert existing is not None
+            self.counts["duplicates"] += 1
+            self._repeat(existing)
             return
-        if isinstance(res, Rejection):
-            self._reject(res.command_id or "", None, res.error_code or ErrorCode.INVALID_PAYLOAD.value,
-                         res.error_message)
+        assert res.command_id is not None
+        action = res.action if isinstance(res, Command) else None
+        if isinstance(verdict, admission.Refuse):
+            self._refuse(res.command_id, action, verdict, deadline)
             return
-        self._intake(res, payload, signature)
+        assert isinstance(res, Command) and deadline is not None
+        now_w, now_m = self.clock.wall(), self.clock.mono()
+        rec = Record(
+            key=res.key, command_id=res.command_id, action=res.action, status=STARTED, error_code=None,
+            error_message=None, received_wall=now_w, deadline=deadline,
+            exec_boot_id=self.boot_id, exec_mono=now_m, exec_wall=now_w,
+            purge_wall=max(now_w, res.expires_at) + RECORD_KEEP_S,
+        )
+        live = Live(rec, State.NEW, self._kind(res.action),
+                    request=messages.ExecRequest(command_id=res.command_id, action=res.action, payload=payload,
+                                                 signature=signature))
+        self._handle(live, Occurrence(Event.ADMITTED))
 
     def give_up(self, payload: bytes, why: str) -> bool:
         """A command whose handling kept failing (intake.py): answered failed/internal_error
@@ -140,15 +152,147 @@ class Lifecycle:
         res = validate(payload, self.uuid)
         if res.command_id is None or res.key is None:
             return False
-        if self.store.get(res.key) is None:
-            self._reject(res.command_id, getattr(res, "action", None), ErrorCode.INTERNAL_ERROR.value,
-                         f"given up: {why}")
+        verdict = admission.admit(command_id=res.command_id, known=self.store.get(res.key) is not None,
+                                  given_up=why)
+        if isinstance(verdict, admission.Refuse):
+            self._refuse(res.command_id, getattr(res, "action", None), verdict, None)
         return True
 
-    def _duplicate(self, rec: Record) -> None:
-        self.counts["duplicates"] += 1
+    def _refuse(self, command_id: str, action: str | None, verdict: admission.Refuse,
+                deadline: Deadline | None) -> None:
+        self.counts["rejected"] += 1
+        d = rejection_deadline(self.clock, self.boot_id)
+        if verdict.own_deadline and deadline is not None \
+                and deadline.remaining(self.clock, self.boot_id) > d.remaining(self.clock, self.boot_id):
+            d = deadline  # a valid command refused (busy): its ack is owed until its own expiry
+        rec = Record(
+            key=command_id.lower(), command_id=command_id, action=action, status=FAILED, error_code=None,
+            error_message=None, received_wall=self.clock.wall(), deadline=d,
+            purge_wall=self.clock.wall() + RECORD_KEEP_S,
+        )
+        self._handle(Live(rec, State.NEW, self._kind(action)), Occurrence(Event.REFUSED, verdict.code, verdict.message))
+
+    def _repeat(self, rec: Record) -> None:
+        live = self.inflight.get(rec.key) or Live(rec, state_of_status(rec.status), self._kind(rec.action))
+        self._handle(live, Occurrence(Event.REPEATED))
+
+    # -- the supervisor's answers -------------------------------------------------------------
+    def on_exec_result(self, msg: messages.ExecResult) -> None:
+        live = self.inflight.get(msg.command_id.lower())
+        if live is None:
+            log.info("ExecResult for %s, which is not being executed (ignored)", msg.command_id)
+            return
+        event = result_event(msg.known, msg.ok, msg.mock, self.cfg.production)
+        self._handle(live, result_occurrence(event, msg.error_code, msg.error_message))
+
+    # -- start --------------------------------------------------------------------------------
+    def startup(self) -> None:
+        """Resolve what a previous process left in execution_started; never re-request it."""
+        for rec in self.store.by_status(STARTED):
+            live = Live(rec, State.STORED, self._kind(rec.action))
+            self.inflight[rec.key] = live
+            new_boot = self.boot_id is not None and rec.exec_boot_id is not None and rec.exec_boot_id != self.boot_id
+            if new_boot:
+                log.info("command %s (%s): a new boot is observed (%s -> %s)", rec.command_id, rec.action,
+                         rec.exec_boot_id, self.boot_id)
+            self._handle(live, Occurrence(Event.NEW_BOOT if new_boot else Event.SAME_BOOT))
+        self.purge()
+
+    # -- the one point where events meet the table ------------------------------------------------
+    def _handle(self, live: Live, occ: Occurrence) -> None:
+        rec = live.rec
+        s = step(live.state, live.kind, occ)
+        if s is None:
+            log.info("command %s (%s): %s ignored in state %s", rec.command_id, rec.action, occ.event.value,
+                     live.state.value)
+            return
+        old = live.state
+        self._apply(live, s)
+        self._enter(live, s.new)
+        self._note(live, old, s.new, occ)
+        self.on_transition(Transition(rec.command_id, s.key, old, s.new, s.effects))
+
+    def _enter(self, live: Live, new: State) -> None:
+        live.state = new
+        if new in TERMINAL:
+            self.inflight.pop(live.rec.key, None)
+        else:
+            self.inflight[live.rec.key] = live
+
+    def _note(self, live: Live, old: State, new: State, occ: Occurrence) -> None:
+        rec = live.rec
+        if old is State.NEW and new is State.FAILED:
+            log.warning("rejected command %s: %s (%s)", rec.command_id, rec.error_code, rec.error_message)
+        elif occ.event is Event.LOST and new is State.AWAITING_BOOT:
+            log.warning("the supervisor has no record of the reboot request %s; waiting for the grace period",
+                        rec.command_id)
+        elif new is not old:
+            log.info("command %s (%s): %s -> %s on %s%s", rec.command_id, rec.action, old.value, new.value,
+                     occ.event.value, f" {rec.error_code}: {rec.error_message}" if new is State.FAILED else "")
+
+    def _apply(self, live: Live, s: Step) -> None:
+        rows: list[OutRow] = []
+        for eff in s.effects:
+            if isinstance(eff, Commit):
+                rows = self._commit(live, s.new, eff)
+            elif isinstance(eff, RequestExecution):
+                assert live.request is not None
+                crash("after_commit")
+                self.counts["exec_requests"] += 1
+                self.send(live.request)
+                live.request = None  # once, ever
+                crash("after_exec_request")
+            elif isinstance(eff, Publish):
+                self.outbox.add(rows, live.rec.deadline)
+            elif isinstance(eff, Query):
+                live.queries += 1
+                self.send(messages.ExecQuery(command_id=live.rec.command_id))
+            elif isinstance(eff, Arm):
+                self._arm(live, eff.timer)
+            elif isinstance(eff, Cancel):
+                for t in eff.timers:
+                    timer = live.timers.pop(t, None)
+                    if timer is not None:
+                        timer.cancel()
+            elif isinstance(eff, Reanswer):
+                self._reanswer(live.rec)
+            else:  # pragma: no cover - the table holds only the effects above
+                raise TypeError(f"unknown effect {eff!r}")
+
+    def _acks(self, rec: Record, status: str) -> list[tuple[str, bytes]]:
+        failed = status == FAILED
+        payload = encode_ack(Ack(command_id=rec.command_id, status=status,
+                                 error_code=rec.error_code if failed else None,
+                                 error_message=rec.error_message if failed else None))
+        return [(t, payload) for t in self.ack_topics]
+
+    def _commit(self, live: Live, new: State, eff: Commit) -> list[OutRow]:
+        """One transaction: the record's new status, its ack rows (every topic), the evidence."""
+        rec = live.rec
+        rec.status = STATUS[new]
+        rec.error_code = eff.code if new is State.FAILED else None
+        rec.error_message = eff.message if new is State.FAILED else None
+        acks = [a for status in eff.acks for a in self._acks(rec, status)]
+        kv = self.evidence.on_transition(rec, live.kind, new)
+        if live.state is State.NEW:
+            rows = self.store.insert(rec, acks, kv=kv or None)
+        else:
+            now_m = self.clock.mono()
+            if rec.deadline.boot_id != self.boot_id:
+                # Carried over a reboot: rebase what was left of the budget onto this boot's
+                # monotonic clock (computed before updated_mono changes: it is the old boot's).
+                left = rec.deadline.remaining(self.clock, self.boot_id)
+                rec.deadline = Deadline(rec.deadline.expires_wall, now_m + max(0.0, left), self.boot_id, now_m)
+            else:
+                rec.deadline.updated_mono = now_m
+            rows = self.store.update(rec, acks, kv=kv or None)
+        self.evidence.committed(kv)
+        self._enter(live, new)  # the store says so now, whatever the next effects do
+        return rows
+
+    def _reanswer(self, rec: Record) -> None:
         pending = {(r.topic, r.payload) for r in self.outbox.pending_for(rec.key)}
-        latest = self._acks(rec)
+        latest = self._acks(rec, rec.status)
         if all(a in pending for a in latest):  # not yet delivered on either topic: no second copy
             log.info("duplicate command %s: its latest status %s is still being delivered", rec.command_id, rec.status)
             return
@@ -162,155 +306,40 @@ class Lifecycle:
             deadline = rejection_deadline(self.clock, self.boot_id)
         self.outbox.add(rows, deadline)
 
-    def _reject(self, command_id: str, action: str | None, code: str, message: str,
-                deadline: Deadline | None = None) -> None:
-        self.counts["rejected"] += 1
-        d = rejection_deadline(self.clock, self.boot_id)
-        if deadline is not None and deadline.remaining(self.clock, self.boot_id) > d.remaining(self.clock, self.boot_id):
-            d = deadline  # a valid command refused (busy): its ack is owed until its own expiry
-        rec = Record(
-            key=command_id.lower(), command_id=command_id, action=action, status=FAILED, error_code=code,
-            error_message=message, received_wall=self.clock.wall(), deadline=d,
-            purge_wall=self.clock.wall() + RECORD_KEEP_S,
-        )
-        rows = self.store.insert(rec, self._acks(rec))
-        self.outbox.add(rows, d)
-        log.warning("rejected command %s: %s (%s)", command_id, code, message)
+    # -- timers: each one's firing is an event --------------------------------------------------------
+    def _arm(self, live: Live, timer: Timer) -> None:
+        old = live.timers.pop(timer, None)
+        if old is not None:
+            old.cancel()
+        fire = lambda: self._timer_fired(live, timer)  # noqa: E731
+        if timer is Timer.RESULT_WAIT:
+            live.timers[timer] = self.loop.call_later(self.cfg.helper_timeout_s + RESULT_WAIT_EXTRA_S, fire)
+        elif timer is Timer.QUERY_RETRY:
+            live.timers[timer] = self.loop.call_later(QUERY_EVERY_S, fire)
+        else:  # the grace period, counted from execution_started (same boot: same monotonic clock)
+            assert live.rec.exec_mono is not None
+            live.timers[timer] = self.loop.call_at(live.rec.exec_mono + self.cfg.reboot_grace_s, fire)
 
-    def _intake(self, cmd: Command, payload: bytes, signature: str | None) -> None:
-        if not signing.well_formed(signature) and os.path.exists(self.cfg.command_key_file):
-            # Only the helper can tell a wrong signature; a missing one is refused here at once.
-            self._reject(cmd.command_id, cmd.action, ErrorCode.SIGNATURE_INVALID.value,
-                         "this device has a command key and the command has no valid signature")
+    def _timer_fired(self, live: Live, timer: Timer) -> None:
+        live.timers.pop(timer, None)
+        if self.inflight.get(live.rec.key) is not live:
             return
-        # The floor matters only to an unsynchronised clock: no store read or stat otherwise.
-        floor = None if self.clock.synchronized() else self.wall_floor()
-        code, message, deadline = judge(cmd.expires_at, cmd.issued_at, self.clock, self.boot_id, floor)
-        if code is not None or deadline is None:
-            self._reject(cmd.command_id, cmd.action, code or ErrorCode.EXPIRED.value, message or "expired")
-            return
-        if self.inflight:
-            other = next(iter(self.inflight.values()))
-            self._reject(cmd.command_id, cmd.action, ErrorCode.BUSY.value,
-                         f"command {other.command_id} ({other.action}) is being executed", deadline)
-            return
-        now_w, now_m = self.clock.wall(), self.clock.mono()
-        rec = Record(
-            key=cmd.key, command_id=cmd.command_id, action=cmd.action, status=STARTED, error_code=None,
-            error_message=None, received_wall=now_w, deadline=deadline,
-            exec_boot_id=self.boot_id, exec_mono=now_m, exec_wall=now_w,
-            purge_wall=max(now_w, cmd.expires_at) + RECORD_KEEP_S,
-        )
-        # One transaction: the record in execution_started plus the accepted and
-        # execution_started ack rows. Only then is execution requested, once.
-        rows = self.store.insert(rec, self._acks(rec, ACCEPTED) + self._acks(rec, STARTED),
-                                 kv=self._evidence_status(rec))
-        self.inflight[rec.key] = rec
-        crash("after_commit")
-        self.counts["exec_requests"] += 1
-        self.send(messages.ExecRequest(command_id=rec.command_id, action=rec.action or "", payload=payload,
-                                       signature=signature))
-        crash("after_exec_request")
-        self.outbox.add(rows, deadline)
-        self._arm(rec, self.cfg.helper_timeout_s + 3.0)
-        log.info("command %s (%s): accepted, execution requested", rec.command_id, rec.action)
+        if timer is Timer.RESULT_WAIT:
+            occ = Occurrence(Event.RESULT_WAIT_OVER)
+        elif timer is Timer.QUERY_RETRY:
+            occ = Occurrence(Event.QUERY_DUE if live.queries < QUERY_TRIES else Event.QUERIES_EXHAUSTED)
+        else:
+            occ = self._grace_over(live.rec)
+        self._handle(live, occ)
 
-    # -- outcome ------------------------------------------------------------------------------------
-    def _arm(self, rec: Record, result_wait_s: float | None) -> None:
-        timers = self._timers.setdefault(rec.key, [])
-        if result_wait_s is not None:
-            timers.append(self.loop.call_later(result_wait_s, lambda k=rec.key: self._query(k)))
-        if rec.action == Action.REBOOT.value and not self.mock:
-            assert rec.exec_mono is not None
-            when = rec.exec_mono + self.cfg.reboot_grace_s
-            timers.append(self.loop.call_at(when, lambda k=rec.key: self._grace_over(k)))
-
-    def _query(self, key: str) -> None:
-        rec = self.inflight.get(key)
-        if rec is None:
-            return
-        n = self._queries.get(key, 0)
-        if n >= QUERY_TRIES:
-            if rec.action == Action.SHUTDOWN.value or self.mock:
-                self._transition(rec, FAILED, ErrorCode.HELPER_TIMEOUT.value,
-                                 "no answer from the supervisor about the execution request")
-            return  # reboot_host: the grace period decides
-        self._queries[key] = n + 1
-        self.send(messages.ExecQuery(command_id=rec.command_id))
-        self._timers.setdefault(key, []).append(self.loop.call_later(QUERY_EVERY_S, lambda: self._query(key)))
-
-    def _grace_over(self, key: str) -> None:
-        rec = self.inflight.get(key)
-        if rec is None or rec.status != STARTED:
-            return
+    def _grace_over(self, rec: Record) -> Occurrence:
         current = bootid.read_boot_id(self.cfg.boot_id_file)
         if current is not None and rec.exec_boot_id is not None and current != rec.exec_boot_id:
-            return  # a new boot is happening under us; the next start completes it
-        self._transition(rec, FAILED, ErrorCode.REBOOT_NOT_OBSERVED.value,
-                         f"the same boot ({rec.exec_boot_id}) was still running {self.cfg.reboot_grace_s:g} s"
-                         " after execution_started")
+            return Occurrence(Event.BOOT_CHANGING)  # a new boot is happening under us
+        return Occurrence(Event.GRACE_OVER, message=f"the same boot ({rec.exec_boot_id}) was still running "
+                                                    f"{self.cfg.reboot_grace_s:g} s after execution_started")
 
-    def on_exec_result(self, msg: messages.ExecResult) -> None:
-        key = msg.command_id.lower()
-        rec = self.inflight.get(key)
-        if rec is None:
-            log.info("ExecResult for %s, which is not being executed (ignored)", msg.command_id)
-            return
-        self._queries[key] = QUERY_TRIES + 1  # answered: no more queries
-        for t in self._timers.pop(key, []):
-            t.cancel()
-        if rec.action == Action.REBOOT.value and not self.mock:  # keep the grace period running
-            assert rec.exec_mono is not None
-            self._timers[key] = [self.loop.call_at(rec.exec_mono + self.cfg.reboot_grace_s,
-                                                   lambda k=key: self._grace_over(k))]
-        if not msg.known:
-            if rec.action == Action.REBOOT.value and not self.mock:
-                log.warning("the supervisor has no record of the reboot request %s; waiting for the grace period",
-                            rec.command_id)
-                return
-            self._transition(rec, FAILED, ErrorCode.EXECUTION_FAILED.value,
-                             "the execution request was lost (the worker restarted before the supervisor got it)")
-            return
-        if msg.ok:
-            if msg.mock and self.cfg.production:
-                # The helper executed nothing, but this client runs in production: never
-                # report a power action that did not happen as completed.
-                self._transition(rec, FAILED, ErrorCode.HELPER_REJECTED.value,
-                                 "the helper is in mock mode and executed nothing, but this client runs in production")
-            elif msg.mock or self.mock:
-                self._transition(rec, COMPLETED)
-            elif rec.action == Action.SHUTDOWN.value:
-                self._transition(rec, COMPLETED)  # records the shutdown evidence too
-            else:
-                log.info("reboot %s scheduled by the helper; completed once a new boot is observed", rec.command_id)
-            return
-        if msg.error_code is None:
-            # known, not ok, no code: still running (an answer to ExecQuery); keep waiting.
-            self._queries.pop(key, None)
-            self._timers.setdefault(key, []).append(self.loop.call_later(QUERY_EVERY_S, lambda: self._query(key)))
-            return
-        code = msg.error_code if msg.error_code in ERROR_CODES else ErrorCode.EXECUTION_FAILED.value
-        text = msg.error_message or msg.error_code
-        if code != msg.error_code:
-            text = f"{msg.error_code}: {text}"
-        self._transition(rec, FAILED, code, (text or code)[:300])
-
-    # -- start ----------------------------------------------------------------------------------------
-    def startup(self) -> None:
-        """Resolve what a previous process left in execution_started; never re-request it."""
-        for rec in self.store.by_status(STARTED):
-            new_boot = (self.boot_id is not None and rec.exec_boot_id is not None and rec.exec_boot_id != self.boot_id)
-            if new_boot:
-                log.info("command %s (%s): a new boot is observed (%s -> %s)", rec.command_id, rec.action,
-                         rec.exec_boot_id, self.boot_id)
-                self._transition(rec, COMPLETED)
-                continue
-            self.inflight[rec.key] = rec
-            self._arm(rec, None)  # the reboot grace period, counted from execution_started
-            self._query(rec.key)  # ExecQuery now, then every QUERY_EVERY_S until answered
-        self._shutdown_report_pending = self.store.kv_get(SHUTDOWN_EVIDENCE)
-        self.purge()
-
+    # -- housekeeping -------------------------------------------------------------------------------
     def purge(self) -> None:
         """Forget records past their keep time (only with a synchronised clock); at start and
         every PURGE_EVERY_S."""
@@ -322,38 +351,8 @@ class Lifecycle:
             log.info("forgot %d command records past their keep time", n)
 
     def purge_maybe(self) -> None:
-        if self.clock.mono() - getattr(self, "_last_purge", 0.0) >= PURGE_EVERY_S:
+        if self.clock.mono() - self._last_purge >= PURGE_EVERY_S:
             self.purge()
-
-    # -- evidence ---------------------------------------------------------------------------------------
-    def _evidence_status(self, rec: Record) -> dict[str, Any] | None:
-        """The new last_power_command block, written in the same transaction as the status."""
-        if rec.exec_boot_id is None:
-            return None  # never reached execution
-        ev = self.store.kv_get(LAST_POWER) or {}
-        if ev.get("command_id") != rec.command_id:
-            ev = {
-                "command_id": rec.command_id,
-                "action": rec.action,
-                "status": rec.status,
-                "boot_id_before": rec.exec_boot_id,
-                "boot_id_after": None,
-                "seconds_to_reconnect": None,
-                "execution_started_at": format_utc(rec.exec_wall) if rec.exec_wall else None,
-                "_exec_wall": rec.exec_wall,
-                "_synced_at_start": self.clock.synchronized(),
-            }
-        ev["status"] = rec.status
-        if rec.status != STARTED:
-            ev["error_code"] = rec.error_code
-        if self.boot_id and rec.exec_boot_id != self.boot_id:
-            ev["boot_id_after"] = self.boot_id
-        return {LAST_POWER: ev}
-
-    def on_connected(self) -> None:
-        if self.reconnect_mono is None:
-            self.reconnect_mono = self.clock.mono()
-        self.refresh_evidence()
 
     def wall_floor(self) -> float | None:
         """A time this device has certainly reached: ours, or systemd-timesyncd's."""
@@ -368,52 +367,12 @@ class Lifecycle:
             self._floor = self.clock.wall()
             self.store.kv_set(WALL_FLOOR, self._floor)
 
+    # -- evidence (evidence.py) -----------------------------------------------------------------------
+    def on_connected(self) -> None:
+        self.evidence.on_connected()
+
     def refresh_evidence(self) -> None:
-        """Fill in what needs a synchronised clock once it is (seconds_to_reconnect, off time)."""
-        if self.reconnect_mono is None or not self.clock.synchronized():
-            return
-        ev = self.store.kv_get(LAST_POWER)
-        if ev and ev.get("seconds_to_reconnect") is None and ev.get("boot_id_before") not in (None, self.boot_id) \
-                and ev.get("_exec_wall") and ev.get("_synced_at_start"):
-            reconnect_wall = self.clock.wall() - (self.clock.mono() - self.reconnect_mono)
-            ev["seconds_to_reconnect"] = round(max(0.0, reconnect_wall - ev["_exec_wall"]), 1)
-            ev["boot_id_after"] = self.boot_id
-            self.store.kv_set(LAST_POWER, ev)
-        sd = getattr(self, "_shutdown_report_pending", None)
-        if sd and not sd.get("reported") and sd.get("boot_id") != self.boot_id:
-            self._report_off_time(sd)
-
-    def _shutdown_evidence(self, rec: Record) -> dict[str, Any]:
-        same_boot = rec.exec_boot_id == self.boot_id  # else: completed at the next start
-        return {
-            "command_id": rec.command_id, "boot_id": rec.exec_boot_id,
-            "acked_wall": self.clock.wall() if same_boot else None,
-            "synced": self.clock.synchronized(), "reported": False,
-        }
-
-    def _report_off_time(self, sd: dict[str, Any]) -> None:
-        now = self.clock.wall()
-        up = bootid.seconds_since_boot()
-        acked = sd.get("acked_wall")
-        if acked is not None and sd.get("synced"):
-            off = (now - up - acked) if up is not None else None
-            if off is not None and off >= 0:
-                text = (f"this screen was powered off by command {sd['command_id']} (shutdown_host) at "
-                        f"{format_utc(acked)} and was off for {off:.0f} s (up again since {format_utc(now - up)})")
-            else:
-                text = (f"this screen was powered off by command {sd['command_id']} (shutdown_host) at "
-                        f"{format_utc(acked)}; it is back {now - acked:.0f} s after that ack")
-        else:
-            text = (f"this screen was powered off by command {sd['command_id']} (shutdown_host); the off time is"
-                    " unknown (the clock was not synchronised at the shutdown)")
-        sd["reported"] = True
-        self._shutdown_report_pending = None
-        self.store.kv_set(SHUTDOWN_EVIDENCE, sd)
-        log.info("%s", text)
-        self.info_log(text)
+        self.evidence.refresh()
 
     def last_power_command(self) -> dict[str, Any] | None:
-        ev = self.store.kv_get(LAST_POWER)
-        if not ev:
-            return None
-        return {k: v for k, v in ev.items() if not k.startswith("_")}
+        return self.evidence.last_power_command()
