@@ -43,7 +43,7 @@ def test_worker_survives_the_broker_leaving_while_it_handles_a_command(tree_fact
     finally:
         os.kill(worker, signal.SIGCONT)
     mark = f"infoscreen-mqtt[{worker}] WARNING infoscreen.workers.mqtt.connection: lost the broker connection"
-    handled = f"command {cmd.command_id} (shutdown_host): accepted, execution requested"
+    handled = f"command {cmd.command_id} (shutdown_host): new -> requested"
     try:
         # The same worker handles the command and notices the loss at once.
         wait_until(lambda: handled in tree.log_text() and mark in tree.log_text(), 3,
