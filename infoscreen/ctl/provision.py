@@ -48,7 +48,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from infoscreen.wire import signing
+from infoscreen.wire import ids, signing, topics
 
 __all__ = [
     "DEFAULT_SERVER_USER",
@@ -79,7 +79,6 @@ PW_ITERATIONS = 101
 PW_SALT_LEN = 12
 PW_HASH_LEN = 64
 
-_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9.:_\[\]-]+$")
 _DNS_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -184,7 +183,7 @@ def parse_devices(lines: Iterable[str], source: str = "devices") -> list[str]:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        if not _UUID_RE.match(line):
+        if not ids.is_uuid(line):
             shown = line if len(line) <= 60 else line[:57] + "..."
             raise ProvisionError(f"{source}:{lineno}: not a UUID (8-4-4-4-12 hex): {shown!r}")
         uuid = line.lower()
@@ -322,8 +321,8 @@ def _acl_text(devices: Sequence[str], server_user: str) -> str:
     w("# Nothing is granted outside a `user` block, so an anonymous client (also refused by")
     w("# allow_anonymous false) or an unknown account could do nothing at all.")
     w("# Reads are restricted too: a device reads only its own command topics and its group id, plus")
-    w("# the group-wide event and power-intent topics. A subscription to anything else (say")
-    w("# infoscreen/#) is granted by the broker but delivers nothing the ACL does not allow.")
+    w("# the group-wide event and power-intent topics. A subscription to anything else (say `#`)")
+    w("# is granted by the broker but delivers nothing the ACL does not allow.")
     w("# Under MQTT 5 a refused QoS 1 publish gets PUBACK reason code 0x87 (not authorized); under")
     w("# MQTT 3.1.1 or at QoS 0 it is dropped silently.")
     w("")
@@ -331,38 +330,20 @@ def _acl_text(devices: Sequence[str], server_user: str) -> str:
     w("# Publishes commands (canonical topic and transitional alias), group ids, group events and")
     w("# power intents for every device; reads what devices publish.")
     w("# Deliberate change to the contract's table: the server may also WRITE")
-    w("# infoscreen/+/service_failed, so it can clear the retained alert with an empty retained")
-    w("# publish. A broker ACL cannot restrict a write to empty payloads, so this is a full write.")
+    w("# every device's service_failed topic, so it can clear the retained alert with an empty")
+    w("# retained publish. A broker ACL cannot restrict a write to empty payloads: a full write.")
+    w("# (The topic rows below are rendered from the one topic table of the code, wire.topics.)")
     w(f"user {server_user}")
-    w("topic write infoscreen/+/commands")
-    w("topic write infoscreen/+/command")
-    w("topic write infoscreen/+/group_id")
-    w("topic write infoscreen/events/+")
-    w("topic write infoscreen/groups/+/power/intent")
-    w("topic read infoscreen/+/commands/ack")
-    w("topic read infoscreen/+/command/ack")
-    w("topic read infoscreen/+/heartbeat")
-    w("topic read infoscreen/+/health")
-    w("topic read infoscreen/+/logs/#")
-    w("topic readwrite infoscreen/+/service_failed")
+    for line in topics.acl_lines(topics.SERVER):
+        w(line)
     for uuid in devices:
-        base = f"infoscreen/{uuid}"
         w("")
         w(f"# ---- device {uuid} ----")
-        w(f"user {device_username(uuid)}")
-        w("# reads: its own commands (both topics) and group id; group events and power intents")
-        w(f"topic read {base}/commands")
-        w(f"topic read {base}/command")
-        w(f"topic read {base}/group_id")
-        w("topic read infoscreen/events/+")
-        w("topic read infoscreen/groups/+/power/intent")
+        w("# reads: its own commands (both topics) and group id; group events and power intents;")
         w("# writes: its own acks (both topics), heartbeat, health, logs and the retained alert")
-        w(f"topic write {base}/commands/ack")
-        w(f"topic write {base}/command/ack")
-        w(f"topic write {base}/heartbeat")
-        w(f"topic write {base}/health")
-        w(f"topic write {base}/logs/#")
-        w(f"topic write {base}/service_failed")
+        w(f"user {device_username(uuid)}")
+        for line in topics.acl_lines(topics.DEVICE, uuid):
+            w(line)
     return "\n".join(out) + "\n"
 
 
@@ -886,7 +867,7 @@ def provision(
                                ("*.key", ".key", keys_dir)):
         for path in sorted(d.glob(pattern)):
             name = path.name[: -len(suffix)]
-            if name not in listed and (suffix != ".key" or _UUID_RE.match(name)):
+            if name not in listed and (suffix != ".key" or ids.is_uuid(name)):
                 path.unlink()
                 if suffix == ".env":
                     removed.add(name)

@@ -40,6 +40,8 @@ import stat
 import sys
 import threading
 import time
+import types
+import typing
 import uuid as uuidlib
 from typing import Any, Iterable
 
@@ -54,7 +56,6 @@ from infoscreen.wire import topics as wire_topics
 from infoscreen.wire.ids import is_uuid
 
 ENV_VAR_DEFAULT = "INFOSCREENCTL_ENV"
-_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _TRUE = {"1", "true", "yes", "on"}
 
 # The inbox bound: far above what an honest fleet has in flight at once (a reply per device),
@@ -103,7 +104,7 @@ def check_device_uuid(value: str) -> str:
     client generates lower-case ones and `broker provision` writes the ACL in lower case). Rejects
     anything else, in particular MQTT wildcards, which would widen a topic."""
     v = value.strip()
-    if not _UUID_RE.match(v):
+    if not is_uuid(v):
         raise argparse.ArgumentTypeError(f"not a device UUID (8-4-4-4-12 hex digits): {value!r}")
     return v.lower()
 
@@ -563,15 +564,11 @@ class Unreadable(ValueError):
 
 
 def device_of(topic: str, kind: str) -> str | None:
-    """The device uuid of ``infoscreen/<uuid>/<kind>`` (`kind` may have several levels), else
-    None. Everything a tool reports about a device is keyed on this uuid, the one the broker's
-    ACL ties to the publishing account, never on a uuid inside a payload."""
-    prefix = wire_topics.PREFIX + "/"
-    suffix = "/" + kind
-    if not (topic.startswith(prefix) and topic.endswith(suffix)):
-        return None
-    device = topic[len(prefix):len(topic) - len(suffix)]
-    return device if is_uuid(device) else None
+    """The device uuid of the per-device topic `kind` (a row of wire.topics.TABLE: "heartbeat",
+    "health", "service_failed", "ack", ...), else None. Everything a tool reports about a device
+    is keyed on this uuid, the one the broker's ACL ties to the publishing account, never on a
+    uuid inside a payload."""
+    return wire_topics.device_topic(topic, kind)
 
 
 def _depth_within(obj: Any, limit: int) -> bool:
@@ -620,6 +617,32 @@ def field(obj: Any, key: str, typ: Any) -> Any:
         return msgspec.convert(value, typ)
     except (msgspec.ValidationError, TypeError, ValueError):
         return None
+
+
+def _struct_of(typ: Any) -> Any:
+    """The Struct type of a field typed `S` or `S | None`, else None."""
+    if isinstance(typ, type) and issubclass(typ, msgspec.Struct):
+        return typ
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    if typing.get_origin(typ) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _struct_of(args[0])
+    return None
+
+
+def fields_of(obj: Any, struct: type[msgspec.Struct]) -> dict[str, Any]:
+    """Every field of the wire payload `struct` (wire/schema.py) read from a device's JSON value
+    `obj` one by one, with the field's own type and bounds: a missing or wrong field is None (a
+    nested payload block: the dict of its fields, or None when it is not an object), so one
+    wrong field costs that field only. `obj` itself not an object: every field is None."""
+    out: dict[str, Any] = {}
+    for f in msgspec.structs.fields(struct):
+        nested = _struct_of(f.type)
+        if nested is not None:
+            value = obj.get(f.name) if isinstance(obj, dict) else None
+            out[f.name] = fields_of(value, nested) if isinstance(value, dict) else None
+        else:
+            out[f.name] = field(obj, f.name, f.type)
+    return out
 
 
 def printable(text: str, max_len: int = 200) -> str:

@@ -167,7 +167,7 @@ def test_conf_is_hardened_with_absolute_paths(tmp_path):
         assert path.is_absolute() and str(path).startswith(str(res.out_dir)), key
     assert directives["plugin"][0].endswith("/mosquitto_dynamic_security.so")
     assert "password_file" not in directives and "message_size_limit" not in directives
-    limits = {"max_packet_size": "262144", "max_queued_messages": "1000", "max_queued_bytes": "1048576",
+    limits = {"max_packet_size": "262144", "max_queued_messages": "1000", "max_queued_bytes": str(prov.MAX_QUEUED_BYTES),
               "max_inflight_messages": "20", "max_keepalive": "120", "max_topic_alias": "10",
               "persistent_client_expiration": "7d"}
     for key, value in limits.items():
