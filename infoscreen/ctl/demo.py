@@ -43,7 +43,7 @@ from infoscreen.ctl import cli
 from infoscreen.ctl.send import build_command, encode_command, follow_command, open_for_device
 from infoscreen.ctl.session import Received, Session, settings_from_args
 from infoscreen.wire import topics
-from infoscreen.wire.schema import format_utc
+from infoscreen.wire.schema import Action, ErrorCode, format_utc
 
 PY = sys.executable
 DISPLAY_NAME = "display_manager"
@@ -299,8 +299,8 @@ def run_demo(workdir: Path) -> None:
         step(3, total, "The server sends `reboot_host` and follows its acks")
         say("  (what `infoscreenctl send reboot --device UUID --wait` does). The screen answers on two")
         say("  topics; each status is shown once, with the time since the command was published.")
-        cmd, expires = build_command(device, "reboot_host", 120, requested_by="demo")
-        res = follow_command(server, device, cmd.command_id, encode_command(cmd), action="reboot_host",
+        cmd, expires = build_command(device, Action.REBOOT.value, 120, requested_by="demo")
+        res = follow_command(server, device, cmd.command_id, encode_command(cmd), action=Action.REBOOT.value,
                              expires_at=expires, wait=True, timeout=30, emit=indent)
         if res.outcome != "completed":
             raise DemoError(f"the reboot did not complete: {res.final_line}")
@@ -315,7 +315,7 @@ def run_demo(workdir: Path) -> None:
         say('  payload: {"action": "format_disk", ...}  (only reboot_host and shutdown_host exist)')
         res = follow_command(server, device, bad_id, json.dumps(bad).encode(), action="format_disk",
                              expires_at=time.time() + 120, wait=True, timeout=30, emit=indent)
-        if res.outcome != "failed" or res.last is None or res.last.error_code != "unsupported_action":
+        if res.outcome != "failed" or res.last is None or res.last.error_code != ErrorCode.UNSUPPORTED_ACTION.value:
             raise DemoError(f"expected failed/unsupported_action, got: {res.final_line}")
         say("  Nothing was executed. Every error code is listed in docs/server-integration.md.")
 
@@ -325,11 +325,11 @@ def run_demo(workdir: Path) -> None:
         if old is None:
             raise DemoError("no MQTT worker found")
         drain(observer)
-        cmd, expires = build_command(device, "reboot_host", 120, requested_by="demo")
+        cmd, expires = build_command(device, Action.REBOOT.value, 120, requested_by="demo")
         os.kill(old, signal.SIGKILL)
         t_kill = time.monotonic()
         say(f"  killed the MQTT worker (pid {old}); now the server publishes a reboot while it is dead:")
-        res = follow_command(server, device, cmd.command_id, encode_command(cmd), action="reboot_host",
+        res = follow_command(server, device, cmd.command_id, encode_command(cmd), action=Action.REBOOT.value,
                              expires_at=expires, wait=True, timeout=30, emit=indent)
         if res.outcome != "completed":
             raise DemoError(f"the command in flight did not complete: {res.final_line}")

@@ -70,6 +70,7 @@ from infoscreen.wire.schema import (
     Action,
     AckStatus,
     CommandOut,
+    ErrorCode,
     decode_ack,
     format_utc,
 )
@@ -411,7 +412,7 @@ def follow_command(
         outcome, code = "failed", EXIT_FAILED
         line = f"failed: {terminal.error_code or 'no error_code'}: {terminal.error_message or 'no message'}"
     elif wait and now >= expires_mono:
-        outcome, code = "expired", EXIT_EXPIRED
+        outcome, code = ErrorCode.EXPIRED.value, EXIT_EXPIRED  # the contract's word for it
         line = (f"expired: no completed or failed ack before expires_at {format_utc(expires_at)} "
                 f"(last status: {last})")
     elif wait:
