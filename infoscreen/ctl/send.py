@@ -82,7 +82,8 @@ EXIT_ERROR = 2
 EXIT_EXPIRED = 3
 EXIT_TIMEOUT = 4
 
-ACTIONS = {"reboot": Action.REBOOT.value, "shutdown": Action.SHUTDOWN.value}
+# The command line's names: the contract's action without its "_host" (reboot, shutdown).
+ACTIONS = {a.value.removesuffix("_host"): a.value for a in Action}
 DEFAULT_EXPIRES_IN = "10m"
 DEFAULT_FOLLOW_S = 10.0
 MAX_EXPIRES_IN_S = 7 * 86400
@@ -448,7 +449,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n", 1)[0],
         epilog="exit status with --wait: 0 completed, 1 failed, 2 not sent, 3 expired, 4 --timeout reached",
     )
-    p.add_argument("action", choices=sorted(ACTIONS), help="reboot (reboot_host) or shutdown (shutdown_host)")
+    p.add_argument("action", choices=sorted(ACTIONS), help=", ".join(f"{k} ({v})" for k, v in sorted(ACTIONS.items())))
     p.add_argument("--device", required=True, type=check_device_uuid, metavar="UUID", help="the device's CLIENT_UUID")
     p.add_argument("--expires-in", type=_expires_in, default=_expires_in(DEFAULT_EXPIRES_IN), metavar="DURATION",
                    help=f"the command's validity, e.g. 90s, 10m, 1h (default: {DEFAULT_EXPIRES_IN})")
