@@ -176,6 +176,30 @@ def encode_command(cmd: CommandOut) -> bytes:
     return schema_encode(cmd)
 
 
+def sign_payload(key: bytes | None, payload: bytes) -> str | None:
+    """The `signature` user property for these very bytes (the device's helper verifies the
+    payload as it arrives), None without a key: sent unsigned."""
+    return signing.sign(key, payload) if key is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A command ready to publish: its payload bytes and, with a key, their signature."""
+
+    command: CommandOut
+    payload: bytes
+    expires_at: float  # epoch seconds
+    signature: str | None
+
+
+def prepare_command(device: str, action: str, expires_in_s: float, key: bytes | None, *, reason: str | None = None,
+                    requested_by: str | None = None) -> Prepared:
+    """The command of `send` (see `build_command`), encoded and signed with `key` (None: unsigned)."""
+    cmd, expires_at = build_command(device, action, expires_in_s, reason=reason, requested_by=requested_by)
+    payload = encode_command(cmd)
+    return Prepared(cmd, payload, expires_at, sign_payload(key, payload))
+
+
 def default_requested_by() -> str:
     try:
         user = getpass.getuser()
@@ -499,11 +523,9 @@ def run(args: argparse.Namespace) -> int:
     except (SessionError, CommandKeyError) as exc:
         print(f"infoscreenctl send: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    cmd, expires_at = build_command(device, action, args.expires_in, reason=args.reason,
-                                    requested_by=args.requested_by or default_requested_by())
-    payload = encode_command(cmd)
-    # Signed over these very bytes: the device's helper verifies the payload as it arrives.
-    signature = signing.sign(key, payload) if key is not None else None
+    prepared = prepare_command(device, action, args.expires_in, key, reason=args.reason,
+                               requested_by=args.requested_by or default_requested_by())
+    cmd, payload, expires_at, signature = prepared.command, prepared.payload, prepared.expires_at, prepared.signature
     session = Session(settings)
     try:
         # With --wait the broker keeps our session (subscriptions, queued acks) across a connection
