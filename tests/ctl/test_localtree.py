@@ -37,6 +37,7 @@ def test_a_child_dies_with_its_parent():
             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
             "preexec_fn=localtree.die_with_parent); print(p.pid, flush=True); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = None
     try:
         child = psutil.Process(int(parent.stdout.readline()))
         parent.kill()
@@ -47,3 +48,5 @@ def test_a_child_dies_with_its_parent():
             parent.kill()
             parent.wait(5)
         parent.stdout.close()
+        if child is not None and child.is_running():
+            child.kill()
