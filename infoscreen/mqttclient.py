@@ -344,6 +344,9 @@ class Session:
             clean_start = False
         try:
             self._client.connect(s.host, s.port, keepalive=30, clean_start=clean_start, properties=props)
+        except ssl.SSLCertVerificationError as exc:  # the CA, the name, the dates: say which
+            raise SessionError(f"TLS handshake with {s.host}:{s.port} failed: the broker's certificate: "
+                               f"{exc.verify_message or exc.reason}") from None
         except ssl.SSLError as exc:
             raise SessionError(f"TLS handshake with {s.host}:{s.port} failed: {exc.reason or exc}") from None
         except (OSError, ValueError) as exc:
