@@ -38,8 +38,6 @@ import msgspec
 
 from infoscreen.config import ConfigError, read_env_file
 from infoscreen.mqttclient import (  # noqa: F401 - re-exported for the sub-commands
-    MAX_INBOX_BYTES,
-    MAX_INBOX_MESSAGES,
     MQTT_VARS,
     RC_NO_MATCHING_SUBSCRIBERS,
     RC_SUCCESS,
