@@ -40,14 +40,14 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any, Callable
 
+import msgspec
 import psutil
 
 from infoscreen.ctl import cli, localtree
-from infoscreen.ctl.send import (KEYS_VAR, follow_command, load_command_key, open_for_device, prepare_command,
-                                 sign_payload)
+from infoscreen.ctl.send import KEYS_VAR, follow_command, load_command_key, open_for_device, prepare_command
 from infoscreen.ctl.session import Received, Session, env_from_args, settings_from_args
 from infoscreen.wire import topics
-from infoscreen.wire.schema import Action, ErrorCode, format_utc
+from infoscreen.wire.schema import Action, ErrorCode, Health
 
 PY = sys.executable
 DISPLAY_NAME = localtree.DISPLAY_NAME
@@ -310,14 +310,10 @@ def run_demo(workdir: Path) -> None:
 
         # ---- 4. an invalid command ------------------------------------------------------------------
         step(4, total, "An invalid command: the screen refuses it with a `failed` ack and an error code")
-        bad_id = str(uuidlib.uuid4())
-        bad = {"schema_version": "1.0", "command_id": bad_id, "client_uuid": device, "action": "format_disk",
-               "issued_at": format_utc(time.time()), "expires_at": format_utc(time.time() + 120)}
+        bad = prepare_command(device, "format_disk", 120, key, requested_by="demo")  # signed, and still refused
         say('  payload: {"action": "format_disk", ...}  (only reboot_host and shutdown_host exist)')
-        bad_payload = json.dumps(bad).encode()
-        res = follow_command(server, device, bad_id, bad_payload, action="format_disk",
-                             expires_at=time.time() + 120, wait=True, timeout=30, emit=indent,
-                             signature=sign_payload(key, bad_payload))
+        res = follow_command(server, device, bad.command.command_id, bad.payload, action="format_disk",
+                             expires_at=bad.expires_at, wait=True, timeout=30, emit=indent, signature=bad.signature)
         if res.outcome != "failed" or res.last is None or res.last.error_code != ErrorCode.UNSUPPORTED_ACTION.value:
             raise DemoError(f"expected failed/unsupported_action, got: {res.final_line}")
         say("  And a reboot without a signature (what `send --unsigned` does): this screen has a key,")
@@ -357,11 +353,12 @@ def run_demo(workdir: Path) -> None:
             if m.topic != topics.health(device):
                 return False
             try:
-                return (json.loads(m.payload).get("broker_connection") or {}).get("reconnect_count", 0) >= 1
-            except ValueError:
+                return msgspec.json.decode(m.payload, type=Health).broker_connection.reconnect_count >= 1
+            except msgspec.MsgspecError:
                 return False
 
-        h = json.loads(next_message(observer, fresh_health, 15, "health report after the restart").payload)
+        report = next_message(observer, fresh_health, 15, "health report after the restart")
+        h = msgspec.to_builtins(msgspec.json.decode(report.payload, type=Health))
         shown = {k: h[k] for k in ("timestamp", "actual_state", "broker_connection", "supervisor") if k in h}
         for line in json.dumps(shown, indent=2).splitlines():
             say("    " + line)
