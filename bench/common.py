@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:
 import paho.mqtt.client as mqtt  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
 
+from infoscreen.mqttclient import tls_context  # noqa: E402
 from infoscreen.wire.schema import format_utc  # noqa: E402
 
 
@@ -98,10 +99,16 @@ def started_tree(work: Path, env: dict[str, str] | None = None, helper_env: dict
 
 
 def client(broker, username: str, password: str, client_id: str | None = None) -> mqtt.Client:
-    """A threaded paho client with TCP_NODELAY, connected (waits for CONNACK)."""
+    """A threaded paho client with TCP_NODELAY, connected (waits for CONNACK): TLS pinned to the
+    broker's fleet CA with the project's rules (infoscreen.mqttclient) when the broker has TLS,
+    and a device account under its own client id (the broker binds the two)."""
+    if client_id is None:
+        client_id = next((u for u in broker.devices if broker.device_user(u) == username), None)
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"bench-{uuid.uuid4().hex[:8]}",
                     protocol=MQTTProtocolVersion.MQTTv5)
     c.username_pw_set(username, password)
+    if broker.ca_file:
+        c.tls_set_context(tls_context(broker.ca_file))
     c.on_socket_open = lambda cl, ud, sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     c.max_inflight_messages_set(200)
     ok = threading.Event()

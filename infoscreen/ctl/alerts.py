@@ -30,7 +30,7 @@ import json
 import sys
 import time
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 
@@ -44,7 +44,7 @@ from infoscreen.ctl.session import (
     add_connection_args,
     check_device_uuid,
     device_of,
-    field,
+    fields_of,
     format_age,
     printable,
     rc_text,
@@ -53,20 +53,17 @@ from infoscreen.ctl.session import (
 )
 from infoscreen.wire import topics
 from infoscreen.wire.ids import command_key
-from infoscreen.wire.schema import parse_rfc3339
+from infoscreen.wire.schema import SERVICE_FAILED, ServiceFailed, parse_rfc3339
 
 EXIT_OK = 0
 EXIT_ALERTS = 1  # only with --check
 EXIT_ERROR = 2
 DEFAULT_SETTLE_S = 0.5
 DEFAULT_MAX_WAIT_S = 10.0
-ALL_ALERTS = f"{topics.PREFIX}/+/service_failed"
+ALL_ALERTS = topics.every_device("service_failed")
 # The alert is ~150 bytes; a payload far larger is not one and is not parsed.
 MAX_ALERT_BYTES = 16 * 1024
 
-# A systemd unit name: at most 256 characters of this set (other bytes are \x-escaped by systemd).
-_Unit = Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9:_.\\@-]{1,256}\Z")]  # \Z: no trailing newline
-_Short = Annotated[str, msgspec.Meta(max_length=64)]
 
 
 class AlertView(msgspec.Struct, frozen=True):
@@ -98,10 +95,11 @@ def read_alert(device: str, payload: bytes) -> tuple[AlertView, Any]:
     if not isinstance(obj, dict):
         return AlertView(problem="unreadable alert: not a JSON object"), obj
     problems = []
-    unit = field(obj, "unit", _Unit)
+    fields = fields_of(obj, ServiceFailed)
+    unit = fields["unit"]
     if unit is None:
         problems.append("no unit")
-    failed_at = field(obj, "failed_at", _Short)
+    failed_at = fields["failed_at"]
     if failed_at is not None:
         try:
             parse_rfc3339(failed_at)
@@ -109,14 +107,14 @@ def read_alert(device: str, payload: bytes) -> tuple[AlertView, Any]:
             failed_at = None
     if failed_at is None:
         problems.append("no RFC 3339 failed_at")
-    event = field(obj, "event", _Short)
-    if "event" in obj and event != "service_failed":
+    event = fields["event"]
+    if "event" in obj and event != SERVICE_FAILED:
         problems.append("event is not service_failed")
         event = None
     claimed = obj.get("client_uuid")
     client_uuid = None
     if claimed is not None:
-        if isinstance(claimed, str) and len(claimed) <= 64 and command_key(claimed) == command_key(device):
+        if fields["client_uuid"] is not None and command_key(claimed) == command_key(device):
             client_uuid = claimed
         else:
             problems.append("client_uuid is not this device's")  # never quoted: it may name another device

@@ -2,14 +2,18 @@
 
 It starts, all inside one temporary directory and on loopback only:
 
-1. Mosquitto on a free port, configured by ``infoscreenctl broker provision`` (accounts, ACL);
-2. the privileged helper in mock mode (it executes nothing);
+1. Mosquitto on a free port, configured by ``infoscreenctl broker provision`` (accounts, ACL, TLS
+   with a fleet CA, command keys);
+2. the privileged helper in mock mode (it executes nothing), holding the screen's command key;
 3. a stand-in display process named ``display_manager``;
 4. the supervisor ``infoscreen-simclient`` with its two workers (MQTT and health);
 
-then plays the server's part with the server account: a reboot command followed to `completed`,
-an invalid command and its `failed` ack, a SIGKILL of the MQTT worker while a command is in
-flight (the supervisor replaces it; the ack still arrives), and a health payload. Finally it stops
+the helper's and the supervisor's environments are built as the tests' tree builds them
+(infoscreen/ctl/localtree.py). Then it plays the server's part with the server account over TLS,
+signing every command as ``infoscreenctl send`` does: a reboot followed to `completed`, an invalid
+command and its `failed` ack, an unsigned reboot refused (`signature_invalid`), a SIGKILL of the
+MQTT worker while a command is in flight (the supervisor replaces it; the ack still arrives), and
+a health payload. Finally it stops
 everything it started (also on Ctrl-C or an error) and exits 0.
 
 Run: ``scripts/demo`` (installs what is missing first), or ``.venv/bin/python -m infoscreen.ctl.demo``.
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import io
 import json
 import os
@@ -37,29 +40,18 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any, Callable
 
+import msgspec
 import psutil
 
-from infoscreen.ctl import cli
-from infoscreen.ctl.send import build_command, encode_command, follow_command, open_for_device
-from infoscreen.ctl.session import Received, Session, settings_from_args
+from infoscreen.ctl import cli, localtree
+from infoscreen.ctl.send import KEYS_VAR, follow_command, load_command_key, open_for_device, prepare_command
+from infoscreen.ctl.session import Received, Session, env_from_args, settings_from_args
 from infoscreen.wire import topics
-from infoscreen.wire.schema import format_utc
+from infoscreen.wire.schema import Action, ErrorCode, Health
 
 PY = sys.executable
-DISPLAY_NAME = "display_manager"
+DISPLAY_NAME = localtree.DISPLAY_NAME
 START_TIMEOUT_S = 20.0
-
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover
-    _libc = None
-
-
-def _child_setup() -> None:
-    """In each child between fork and exec: die with the demo (PR_SET_PDEATHSIG), even on SIGKILL."""
-    if _libc is not None:
-        _libc.prctl(1, signal.SIGTERM)
-
 
 class DemoError(Exception):
     pass
@@ -96,7 +88,7 @@ class Child:
             argv, executable=executable, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if pipe_output else self._log,
             stderr=subprocess.STDOUT if pipe_output else self._log,
-            start_new_session=True, preexec_fn=_child_setup, close_fds=True,
+            start_new_session=True, preexec_fn=localtree.die_with_parent, close_fds=True,
         )
 
     @property
@@ -239,10 +231,18 @@ def run_demo(workdir: Path) -> None:
         say("  never to the terminal.")
         broker = start_broker(broker_dir / "mosquitto.conf", workdir / "mosquitto.log")
         children.append(broker)
-        say(f"  Mosquitto is running on 127.0.0.1:{port} (pid {broker.pid}).")
+        say(f"  Mosquitto is running on 127.0.0.1:{port} (pid {broker.pid}), TLS only.")
 
-        # The server's side logs in exactly as `infoscreenctl ... --env broker/server.env` does.
-        server_settings = settings_from_args(argparse.Namespace(env=str(broker_dir / "server.env")))
+        # The server's side logs in and signs exactly as `infoscreenctl ... --env broker/server.env`
+        # does: TLS pinned to the fleet CA, the command key from INFOSCREEN_COMMAND_KEYS.
+        server_args = argparse.Namespace(env=str(broker_dir / "server.env"))
+        server_env = env_from_args(server_args)
+        server_settings = settings_from_args(server_args, server_env)
+        if not server_settings.tls:
+            raise DemoError("provision did not turn TLS on")
+        key = load_command_key(server_env[KEYS_VAR], device)
+        if key is None:
+            raise DemoError(f"provision wrote no command key for {device}")
         observer = Session(server_settings, client_id_prefix="demo-observer").connect()
         observer.subscribe([topics.heartbeat(device), topics.health(device)])
 
@@ -250,19 +250,20 @@ def run_demo(workdir: Path) -> None:
         step(2, total, "The screen: privileged helper (mock mode), a display stand-in, the supervisor")
         helper_sock = workdir / "helper" / "helper.sock"
         helper_sock.parent.mkdir(mode=0o755)
+        (workdir / "helper-state").mkdir(mode=0o700)
         base_env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("MQTT_", "INFOSCREEN_", "HELPER_", "COMMAND_", "NOTIFY_", "WATCHDOG_",
-                                         "LISTEN_"))}
-        helper_env = dict(base_env,
-                          HELPER_SOCKET=str(helper_sock), HELPER_STATE_DIR=str(workdir / "helper-state"),
-                          HELPER_ALLOWED_USERS=str(os.getuid()), HELPER_ALLOWED_GROUPS=str(os.getgid()),
-                          HELPER_GRACE_S="0", HELPER_MAX_ACTIONS_PER_HOUR="1000",
-                          INFOSCREEN_ENV="development", COMMAND_MOCK_REBOOT_IMMEDIATE_COMPLETE="1")
-        helper = Child("helper", [PY, "-m", "infoscreen.helper"], workdir / "helper.log", env=helper_env)
+                    if not k.startswith(("COMMAND_", "NOTIFY_", "WATCHDOG_", "LISTEN_"))}
+        # The screen's copy of its command key, as install-device puts it (root's, 0600, on a real
+        # screen; here the demo user's own 0600 file, which the helper accepts from its own user).
+        key_file = broker_dir / "devices" / f"{device}.command.key"
+        helper = Child("helper", [PY, "-m", "infoscreen.helper"], workdir / "helper.log",
+                       env=localtree.helper_env(helper_sock, workdir / "helper-state",
+                                                HELPER_COMMAND_KEY_FILE=str(key_file)))
         children.append(helper)
         wait_path(helper_sock, helper, START_TIMEOUT_S)
         say(f"  helper (pid {helper.pid}): the only root part on a real screen; it can do exactly two")
-        say("  things, reboot and power off. Here it runs in mock mode: it executes nothing.")
+        say("  things, reboot and power off, and only for a command signed with this screen's key.")
+        say("  Here it runs in mock mode: it executes nothing.")
 
         sleep = shutil.which("sleep") or "/bin/sleep"
         display = Child("display", [DISPLAY_NAME, "infinity"], workdir / "display.log", executable=sleep,
@@ -272,11 +273,10 @@ def run_demo(workdir: Path) -> None:
         say("  worker watches in place of the real display software.")
 
         run_dir = workdir / "run"
-        sup_env = dict(base_env,
-                       INFOSCREEN_ENV="development", COMMAND_MOCK_REBOOT_IMMEDIATE_COMPLETE="1",
-                       INFOSCREEN_STATE_DIR=str(workdir / "state"), INFOSCREEN_RUNTIME_DIR=str(run_dir),
-                       HELPER_SOCKET=str(helper_sock), HEARTBEAT_INTERVAL_S="2", HEALTH_INTERVAL_S="2",
-                       DISPLAY_PROCESS_NAME=DISPLAY_NAME, PYTHONUNBUFFERED="1")
+        sup_env = localtree.supervisor_env(state_dir=workdir / "state", runtime_dir=run_dir, helper_socket=helper_sock,
+                                           device_env={}, base=base_env, HEARTBEAT_INTERVAL_S="2",
+                                           HEALTH_INTERVAL_S="2", HELPER_COMMAND_KEY_FILE=str(key_file))
+        # The device's own variables come from its provisioned env file, as on a screen.
         supervisor = Child("supervisor", [PY, "-m", "infoscreen.supervisor", "--env-file",
                                           str(broker_dir / "devices" / f"{device}.env")],
                            workdir / "supervisor.log", env=sup_env)
@@ -297,11 +297,12 @@ def run_demo(workdir: Path) -> None:
 
         # ---- 3. a reboot ------------------------------------------------------------------------------
         step(3, total, "The server sends `reboot_host` and follows its acks")
-        say("  (what `infoscreenctl send reboot --device UUID --wait` does). The screen answers on two")
-        say("  topics; each status is shown once, with the time since the command was published.")
-        cmd, expires = build_command(device, "reboot_host", 120, requested_by="demo")
-        res = follow_command(server, device, cmd.command_id, encode_command(cmd), action="reboot_host",
-                             expires_at=expires, wait=True, timeout=30, emit=indent)
+        say("  (what `infoscreenctl send reboot --device UUID --wait` does), signed with the screen's key")
+        say("  (an HMAC over the payload's bytes, in the MQTT 5 user property `signature`). The screen")
+        say("  answers on two topics; each status is shown once, with the time since the publish.")
+        cmd = prepare_command(device, Action.REBOOT.value, 120, key, requested_by="demo")
+        res = follow_command(server, device, cmd.command.command_id, cmd.payload, action=Action.REBOOT.value,
+                             expires_at=cmd.expires_at, wait=True, timeout=30, emit=indent, signature=cmd.signature)
         if res.outcome != "completed":
             raise DemoError(f"the reboot did not complete: {res.final_line}")
         say("  On a real screen the host reboots after `execution_started`, and `completed` arrives")
@@ -309,14 +310,19 @@ def run_demo(workdir: Path) -> None:
 
         # ---- 4. an invalid command ------------------------------------------------------------------
         step(4, total, "An invalid command: the screen refuses it with a `failed` ack and an error code")
-        bad_id = str(uuidlib.uuid4())
-        bad = {"schema_version": "1.0", "command_id": bad_id, "client_uuid": device, "action": "format_disk",
-               "issued_at": format_utc(time.time()), "expires_at": format_utc(time.time() + 120)}
+        bad = prepare_command(device, "format_disk", 120, key, requested_by="demo")  # signed, and still refused
         say('  payload: {"action": "format_disk", ...}  (only reboot_host and shutdown_host exist)')
-        res = follow_command(server, device, bad_id, json.dumps(bad).encode(), action="format_disk",
-                             expires_at=time.time() + 120, wait=True, timeout=30, emit=indent)
-        if res.outcome != "failed" or res.last is None or res.last.error_code != "unsupported_action":
+        res = follow_command(server, device, bad.command.command_id, bad.payload, action="format_disk",
+                             expires_at=bad.expires_at, wait=True, timeout=30, emit=indent, signature=bad.signature)
+        if res.outcome != "failed" or res.last is None or res.last.error_code != ErrorCode.UNSUPPORTED_ACTION.value:
             raise DemoError(f"expected failed/unsupported_action, got: {res.final_line}")
+        say("  And a reboot without a signature (what `send --unsigned` does): this screen has a key,")
+        say("  so it refuses it.")
+        unsigned = prepare_command(device, Action.REBOOT.value, 120, None, requested_by="demo")
+        res = follow_command(server, device, unsigned.command.command_id, unsigned.payload, action=Action.REBOOT.value,
+                             expires_at=unsigned.expires_at, wait=True, timeout=30, emit=indent)
+        if res.outcome != "failed" or res.last is None or res.last.error_code != ErrorCode.SIGNATURE_INVALID.value:
+            raise DemoError(f"expected failed/signature_invalid, got: {res.final_line}")
         say("  Nothing was executed. Every error code is listed in docs/server-integration.md.")
 
         # ---- 5. the MQTT worker is killed while a command is in flight --------------------------------
@@ -325,12 +331,12 @@ def run_demo(workdir: Path) -> None:
         if old is None:
             raise DemoError("no MQTT worker found")
         drain(observer)
-        cmd, expires = build_command(device, "reboot_host", 120, requested_by="demo")
+        cmd = prepare_command(device, Action.REBOOT.value, 120, key, requested_by="demo")
         os.kill(old, signal.SIGKILL)
         t_kill = time.monotonic()
         say(f"  killed the MQTT worker (pid {old}); now the server publishes a reboot while it is dead:")
-        res = follow_command(server, device, cmd.command_id, encode_command(cmd), action="reboot_host",
-                             expires_at=expires, wait=True, timeout=30, emit=indent)
+        res = follow_command(server, device, cmd.command.command_id, cmd.payload, action=Action.REBOOT.value,
+                             expires_at=cmd.expires_at, wait=True, timeout=30, emit=indent, signature=cmd.signature)
         if res.outcome != "completed":
             raise DemoError(f"the command in flight did not complete: {res.final_line}")
         hb = next_message(observer, lambda m: m.topic == topics.heartbeat(device), 10, "heartbeat of the new worker")
@@ -347,11 +353,12 @@ def run_demo(workdir: Path) -> None:
             if m.topic != topics.health(device):
                 return False
             try:
-                return (json.loads(m.payload).get("broker_connection") or {}).get("reconnect_count", 0) >= 1
-            except ValueError:
+                return msgspec.json.decode(m.payload, type=Health).broker_connection.reconnect_count >= 1
+            except msgspec.MsgspecError:
                 return False
 
-        h = json.loads(next_message(observer, fresh_health, 15, "health report after the restart").payload)
+        report = next_message(observer, fresh_health, 15, "health report after the restart")
+        h = msgspec.to_builtins(msgspec.json.decode(report.payload, type=Health))
         shown = {k: h[k] for k in ("timestamp", "actual_state", "broker_connection", "supervisor") if k in h}
         for line in json.dumps(shown, indent=2).splitlines():
             say("    " + line)

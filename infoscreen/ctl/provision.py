@@ -46,9 +46,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
-from infoscreen.wire import signing
+from infoscreen.wire import ids, signing, topics
 
 __all__ = [
     "DEFAULT_SERVER_USER",
@@ -79,7 +79,6 @@ PW_ITERATIONS = 101
 PW_SALT_LEN = 12
 PW_HASH_LEN = 64
 
-_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9.:_\[\]-]+$")
 _DNS_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -184,7 +183,7 @@ def parse_devices(lines: Iterable[str], source: str = "devices") -> list[str]:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        if not _UUID_RE.match(line):
+        if not ids.is_uuid(line):
             shown = line if len(line) <= 60 else line[:57] + "..."
             raise ProvisionError(f"{source}:{lineno}: not a UUID (8-4-4-4-12 hex): {shown!r}")
         uuid = line.lower()
@@ -322,8 +321,8 @@ def _acl_text(devices: Sequence[str], server_user: str) -> str:
     w("# Nothing is granted outside a `user` block, so an anonymous client (also refused by")
     w("# allow_anonymous false) or an unknown account could do nothing at all.")
     w("# Reads are restricted too: a device reads only its own command topics and its group id, plus")
-    w("# the group-wide event and power-intent topics. A subscription to anything else (say")
-    w("# infoscreen/#) is granted by the broker but delivers nothing the ACL does not allow.")
+    w("# the group-wide event and power-intent topics. A subscription to anything else (say `#`)")
+    w("# is granted by the broker but delivers nothing the ACL does not allow.")
     w("# Under MQTT 5 a refused QoS 1 publish gets PUBACK reason code 0x87 (not authorized); under")
     w("# MQTT 3.1.1 or at QoS 0 it is dropped silently.")
     w("")
@@ -331,38 +330,20 @@ def _acl_text(devices: Sequence[str], server_user: str) -> str:
     w("# Publishes commands (canonical topic and transitional alias), group ids, group events and")
     w("# power intents for every device; reads what devices publish.")
     w("# Deliberate change to the contract's table: the server may also WRITE")
-    w("# infoscreen/+/service_failed, so it can clear the retained alert with an empty retained")
-    w("# publish. A broker ACL cannot restrict a write to empty payloads, so this is a full write.")
+    w("# every device's service_failed topic, so it can clear the retained alert with an empty")
+    w("# retained publish. A broker ACL cannot restrict a write to empty payloads: a full write.")
+    w("# (The topic rows below are rendered from the one topic table of the code, wire.topics.)")
     w(f"user {server_user}")
-    w("topic write infoscreen/+/commands")
-    w("topic write infoscreen/+/command")
-    w("topic write infoscreen/+/group_id")
-    w("topic write infoscreen/events/+")
-    w("topic write infoscreen/groups/+/power/intent")
-    w("topic read infoscreen/+/commands/ack")
-    w("topic read infoscreen/+/command/ack")
-    w("topic read infoscreen/+/heartbeat")
-    w("topic read infoscreen/+/health")
-    w("topic read infoscreen/+/logs/#")
-    w("topic readwrite infoscreen/+/service_failed")
+    for line in topics.acl_lines(topics.SERVER):
+        w(line)
     for uuid in devices:
-        base = f"infoscreen/{uuid}"
         w("")
         w(f"# ---- device {uuid} ----")
-        w(f"user {device_username(uuid)}")
-        w("# reads: its own commands (both topics) and group id; group events and power intents")
-        w(f"topic read {base}/commands")
-        w(f"topic read {base}/command")
-        w(f"topic read {base}/group_id")
-        w("topic read infoscreen/events/+")
-        w("topic read infoscreen/groups/+/power/intent")
+        w("# reads: its own commands (both topics) and group id; group events and power intents;")
         w("# writes: its own acks (both topics), heartbeat, health, logs and the retained alert")
-        w(f"topic write {base}/commands/ack")
-        w(f"topic write {base}/command/ack")
-        w(f"topic write {base}/heartbeat")
-        w(f"topic write {base}/health")
-        w(f"topic write {base}/logs/#")
-        w(f"topic write {base}/service_failed")
+        w(f"user {device_username(uuid)}")
+        for line in topics.acl_lines(topics.DEVICE, uuid):
+            w(line)
     return "\n".join(out) + "\n"
 
 
@@ -641,69 +622,69 @@ def _fleet_pki(tls_dir: Path, sans: Sequence[str], broker_uid: int | None) -> tu
 
 
 # --------------------------------------------------------------------------------------------
-# Command keys
+# provision(): read what is there, plan (pure), render (pure), write (once)
 
 
-def _command_keys(devices: Sequence[str], dev_dir: Path, keys_dir: Path) -> dict[str, bytes]:
-    """Each device's command key: kept from ``keys/<uuid>.key`` (or, when only that copy was
-    lost, from ``devices/<uuid>.command.key``), new otherwise; both copies (re)written. A file
-    that is not a key, or two copies that differ, stop the run: a key is never replaced silently
-    (the screen holding the old one would refuse every signed command)."""
-    keys: dict[str, bytes] = {}
-    for uuid in devices:
-        found: list[bytes] = []
-        for path in (keys_dir / f"{uuid}.key", dev_dir / f"{uuid}{COMMAND_KEY_SUFFIX}"):
-            if path.exists():
-                try:
-                    found.append(signing.read_key_file(path))
-                except (OSError, signing.BadKey) as exc:
-                    raise ProvisionError(f"{path}: not a command key ({exc}); restore it or remove it") from None
-        if len(found) == 2 and not hmac.compare_digest(found[0], found[1]):
-            raise ProvisionError(f"{keys_dir / (uuid + '.key')} and {dev_dir / (uuid + COMMAND_KEY_SUFFIX)} differ: "
-                                 "remove the one that is wrong")
-        keys[uuid] = found[0] if found else signing.new_key()
-    for uuid, key in keys.items():
-        text = signing.key_text(key)
-        for path in (keys_dir / f"{uuid}.key", dev_dir / f"{uuid}{COMMAND_KEY_SUFFIX}"):
-            if not path.exists() or path.read_text(encoding="ascii", errors="replace") != text:
-                _write_atomic(path, text, 0o600)
-            else:
-                os.chmod(path, 0o600)
-    return keys
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The checked request: what `provision` was asked to produce."""
+
+    devices: tuple[str, ...]
+    out: Path
+    listen: str
+    port: int
+    server_user: str
+    broker_host: str
+    run_as_user: str
+    autosave_interval: int
+    log_types: tuple[str, ...]
+    plugin: str
+    plaintext: bool
+    tls_cert: str | None  # certificates of one's own (absolute), else the fleet CA's
+    tls_key: str | None
+    tls_ca: str | None
+    sans: tuple[str, ...]  # subjectAltName entries of the fleet certificate
+    device_ca_path: str | None
 
 
-# --------------------------------------------------------------------------------------------
-# provision()
+@dataclasses.dataclass(frozen=True)
+class Existing:
+    """What an earlier run left in OUT: the clear passwords of the env files, the command key
+    copies (server's, device's) of the devices asked for, the password hashes of
+    dynamic-security.json, and every device file there is."""
+
+    server_passwords: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)  # account -> password
+    device_passwords: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)  # device -> password
+    keys: dict[str, tuple[bytes | None, bytes | None]] = dataclasses.field(default_factory=dict, repr=False)
+    hashes: dict[str, dict] = dataclasses.field(default_factory=dict, repr=False)  # account -> fields
+    # (path relative to OUT, the device it is of): devices/*.env, devices/*.command.key, keys/<uuid>.key
+    device_files: tuple[tuple[str, str], ...] = ()
 
 
-def provision(
-    devices: Sequence[str],
-    out_dir: str | os.PathLike[str],
-    *,
-    listen: str = "127.0.0.1",
-    port: int | None = None,
-    server_user: str = DEFAULT_SERVER_USER,
-    broker_host: str | None = None,
-    run_as_user: str = DEFAULT_BROKER_SYSTEM_USER,
-    autosave_interval: int = 30,
-    log_types: Sequence[str] = ("error", "warning", "notice", "information"),
-    plaintext: bool = False,
-    tls_cert: str | None = None,
-    tls_key: str | None = None,
-    tls_ca: str | None = None,
-    tls_sans: Sequence[str] = (),
-    device_ca_path: str | None = None,
-    dynsec_plugin: str | None = None,
-) -> Provisioned:
-    """Write (or update) a provisioned broker configuration into `out_dir`.
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything the run will write, decided; holds secrets (never print it)."""
 
-    `devices` are canonical UUIDs (see `parse_devices`). Existing passwords, command keys and the
-    fleet CA in `out_dir` are kept. TLS by default, with a fleet CA made here (`tls_sans`: more
-    names for the broker's certificate); `tls_cert`/`tls_key`: certificates of your own;
-    `plaintext`: no TLS. `port` defaults to 8883 (TLS) or 1883. `run_as_user` is the ``user``
-    line of the configuration: the account the broker switches to when started as root.
-    Returns what was written, secrets included (never print them).
-    """
+    options: Options
+    server_password: str = dataclasses.field(repr=False)
+    passwords: dict[str, str] = dataclasses.field(repr=False)  # device -> password
+    keys: dict[str, bytes] = dataclasses.field(repr=False)  # device -> command key
+    accounts: tuple[tuple[str, str | None, dict], ...] = dataclasses.field(repr=False)  # user, client id, hash
+    created: tuple[str, ...]
+    kept: tuple[str, ...]
+    remove: tuple[str, ...]  # paths relative to OUT, of devices no longer listed
+    tls: tuple[str, str] | None  # the broker's certificate and key
+    ca_file: str | None  # the CA server.env pins
+    device_ca: str | None  # the CA the device env files pin
+    group_readable: bool  # the broker drops root: its group reads the accounts and the ACL
+
+
+def check_options(devices: Sequence[str], out_dir: str | os.PathLike[str], *, listen: str, port: int | None,
+                  server_user: str, broker_host: str | None, run_as_user: str, autosave_interval: int,
+                  log_types: Sequence[str], plaintext: bool, tls_cert: str | None, tls_key: str | None,
+                  tls_ca: str | None, tls_sans: Sequence[str], device_ca_path: str | None,
+                  dynsec_plugin: str | None) -> Options:
+    """The arguments of `provision`, checked (ProvisionError: which one is wrong and why)."""
     devices = parse_devices(devices, "devices")  # validates and normalises a programmatic list too
     if not _USER_RE.match(server_user):
         raise ProvisionError(f"--server-user: not a valid account name: {server_user!r}")
@@ -744,174 +725,255 @@ def provision(
             entry = _san_entry(name)
             if entry not in sans:
                 sans.append(entry)
+    return Options(
+        devices=tuple(devices), out=Path(out_dir).resolve(), listen=listen, port=int(port), server_user=server_user,
+        broker_host=host, run_as_user=run_as_user, autosave_interval=autosave_interval, log_types=tuple(log_types),
+        plugin=plugin, plaintext=plaintext,
+        tls_cert=str(Path(tls_cert).resolve()) if tls_cert else None,
+        tls_key=str(Path(tls_key).resolve()) if tls_key else None,
+        tls_ca=tls_ca, sans=tuple(sans), device_ca_path=device_ca_path)
 
-    out = Path(out_dir).resolve()
-    dev_dir, keys_dir, data_dir = out / DEVICES_DIR, out / KEYS_DIR, out / DATA_DIR
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for d in (dev_dir, keys_dir, data_dir):
-            d.mkdir(mode=0o700, exist_ok=True)
-            os.chmod(d, 0o700)
-    except OSError as exc:
-        raise ProvisionError(f"{out}: cannot create the output directory: {exc.strerror or exc}") from None
 
-    # Ownership: the broker reads these files after switching to `run_as_user` (when root).
-    owner: tuple[int, int] | None = None
-    broker_uid: int | None = None
-    if os.geteuid() == 0:
-        try:
-            pw_ent = pwd.getpwnam(run_as_user)
-            if pw_ent.pw_uid != 0:
-                owner, broker_uid = (0, pw_ent.pw_gid), pw_ent.pw_uid
-        except KeyError:
-            pass
+def read_existing(out: Path, devices: Sequence[str]) -> Existing:
+    """What is in OUT already (nothing: an empty Existing); the command keys of `devices` only.
+    ProvisionError for a file that is there but cannot be used: an env file that cannot be read,
+    a key file that is not a key."""
 
-    # TLS first: nothing else is written when the PKI cannot be made.
-    tls_files: list[str] = []
-    ca_file: Path | None = None
-    tls: tuple[str, str] | None = None
-    if tls_cert and tls_key:
-        tls = (str(Path(tls_cert).resolve()), str(Path(tls_key).resolve()))
-        ca_file = Path(tls_ca) if tls_ca else None
-    elif not plaintext:
-        ca_crt, crt, key, tls_files = _fleet_pki(out / TLS_DIR, sans, broker_uid)
-        tls, ca_file = (str(crt), str(key)), ca_crt
-
-    # Existing credentials, read back from the env files (the broker's file holds only hashes).
-    def existing_password(path: Path, user: str) -> str | None:
-        if not path.exists():
+    def password_in(path: Path, user: str | None) -> tuple[str, str] | None:
+        if not path.is_file():
             return None
         try:
             env = parse_env_file(path)
         except (OSError, UnicodeDecodeError) as exc:
             raise ProvisionError(f"{path}: cannot read the existing env file: {exc}") from None
-        pw = env.get("MQTT_PASSWORD_BROKER")
-        if pw and env.get("MQTT_USER") == user:
-            return pw
-        return None
+        pw, named = env.get("MQTT_PASSWORD_BROKER"), env.get("MQTT_USER")
+        return (named, pw) if pw and named and (user is None or named == user) else None
 
-    server_env_path = out / SERVER_ENV_NAME
-    server_password = existing_password(server_env_path, server_user) or new_password()
+    def key_of(path: Path) -> bytes | None:
+        if not path.exists():
+            return None
+        try:
+            return signing.read_key_file(path)
+        except (OSError, signing.BadKey) as exc:
+            raise ProvisionError(f"{path}: not a command key ({exc}); restore it or remove it") from None
+
+    server = password_in(out / SERVER_ENV_NAME, None)
+    files: list[tuple[str, str]] = []
+    device_passwords: dict[str, str] = {}
+    for pattern, suffix, d in (("*.env", ".env", DEVICES_DIR), (f"*{COMMAND_KEY_SUFFIX}", COMMAND_KEY_SUFFIX, DEVICES_DIR),
+                               ("*.key", ".key", KEYS_DIR)):
+        for path in sorted((out / d).glob(pattern)):
+            name = path.name[: -len(suffix)]
+            if suffix != ".key" or ids.is_uuid(name):  # keys/ may hold other files of the operator's
+                files.append((f"{d}/{path.name}", name))
+    for uuid in devices:
+        # A device's password is the one of its own file, for its own account.
+        found = password_in(out / DEVICES_DIR / f"{uuid}.env", device_username(uuid))
+        if found:
+            device_passwords[uuid] = found[1]
+    keys = {u: (key_of(out / KEYS_DIR / f"{u}.key"), key_of(out / DEVICES_DIR / f"{u}{COMMAND_KEY_SUFFIX}"))
+            for u in devices}
+    hashes: dict[str, dict] = {}
+    try:
+        for c in json.loads((out / DYNSEC_NAME).read_text(encoding="utf-8")).get("clients", []):
+            hashes[c["username"]] = c
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        hashes = {}
+    return Existing(server_passwords=dict([server]) if server else {}, device_passwords=device_passwords, keys=keys,
+                    hashes=hashes, device_files=tuple(files))
+
+
+def plan(opts: Options, existing: Existing, *, password: Callable[[], str] = new_password,
+         key: Callable[[], bytes] = signing.new_key, hashed: Callable[[str], dict] = hash_password,
+         group_readable: bool = False) -> Plan:
+    """What to write, from the request and what is there: pure (new secrets come from `password`
+    and `key`, new hashes from `hashed`). Passwords, keys and hashes that exist are kept, so
+    re-running changes nothing that need not change; a key is never replaced silently (its two
+    copies differing stop the run: the screen holding the old one would refuse every signed
+    command)."""
+    out = opts.out
+    server_password = existing.server_passwords.get(opts.server_user) or password()
     passwords: dict[str, str] = {}
     created: list[str] = []
     kept: list[str] = []
-    for uuid in devices:
-        pw = existing_password(dev_dir / f"{uuid}.env", device_username(uuid))
-        if pw is None:
-            pw = new_password()
-            created.append(uuid)
-        else:
-            kept.append(uuid)
-        passwords[uuid] = pw
-    command_keys = _command_keys(devices, dev_dir, keys_dir)
+    keys: dict[str, bytes] = {}
+    for uuid in opts.devices:
+        pw = existing.device_passwords.get(uuid)
+        (kept if pw else created).append(uuid)
+        passwords[uuid] = pw or password()
+        server_copy, device_copy = existing.keys.get(uuid, (None, None))
+        if server_copy is not None and device_copy is not None and not hmac.compare_digest(server_copy, device_copy):
+            raise ProvisionError(f"{out / KEYS_DIR / (uuid + '.key')} and "
+                                 f"{out / DEVICES_DIR / (uuid + COMMAND_KEY_SUFFIX)} differ: remove the one that is wrong")
+        keys[uuid] = server_copy or device_copy or key()
 
-    # Keep an existing hash when it still matches: re-running changes nothing that need not change.
-    dynsec_path = out / DYNSEC_NAME
-    old_hashes: dict[str, dict] = {}
-    try:
-        for c in json.loads(dynsec_path.read_text(encoding="utf-8")).get("clients", []):
-            old_hashes[c["username"]] = c
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        old_hashes = {}
-
-    def hashed_for(user: str, password: str) -> dict:
-        old = old_hashes.get(user)
-        if old and verify_password(password, old):
+    def hash_for(user: str, pw: str) -> dict:
+        old = existing.hashes.get(user)
+        if old and verify_password(pw, old):
             return {k: old[k] for k in ("salt", "password", "iterations")}
-        return hash_password(password)
+        return hashed(pw)
 
-    accounts = [(server_user, None, hashed_for(server_user, server_password))]
-    accounts += [(device_username(u), u, hashed_for(device_username(u), passwords[u])) for u in devices]
-    # The accounts and the ACL: hashes and the fleet's layout, not clear secrets; readable by the
-    # broker's group only.
-    _write_atomic(dynsec_path, _dynsec_text(accounts), 0o640 if owner else 0o600)
-    acl_path = out / ACL_NAME
-    _write_atomic(acl_path, _acl_text(devices, server_user), 0o640 if owner else 0o600)
-    conf_path = out / CONF_NAME
-    _write_atomic(
-        conf_path,
-        _conf_text(out_dir=out, listen=listen, port=int(port), run_as_user=run_as_user,
-                   autosave_interval=autosave_interval, log_types=log_types, dynsec_plugin=plugin,
-                   tls=tls, generated_ca=bool(tls and not tls_cert)),
-        0o644,
-    )
-    if owner:
-        for p in (dynsec_path, acl_path):
-            os.chown(p, *owner)
-        os.chown(data_dir, broker_uid, owner[1])
+    accounts = [(opts.server_user, None, hash_for(opts.server_user, server_password))]
+    accounts += [(device_username(u), u, hash_for(device_username(u), passwords[u])) for u in opts.devices]
+    listed = set(opts.devices)
+    remove = tuple(f for f, device in existing.device_files if device not in listed)
+    if opts.tls_cert and opts.tls_key:
+        tls: tuple[str, str] | None = (opts.tls_cert, opts.tls_key)
+        ca_file = opts.tls_ca
+    elif not opts.plaintext:
+        tls = (str(out / TLS_DIR / "server.crt"), str(out / TLS_DIR / "server.key"))
+        ca_file = str(out / TLS_DIR / "ca.crt")
+    else:
+        tls, ca_file = None, None
+    return Plan(options=opts, server_password=server_password, passwords=passwords, keys=keys,
+                accounts=tuple(accounts), created=tuple(created), kept=tuple(kept), remove=remove, tls=tls,
+                ca_file=ca_file, device_ca=opts.device_ca_path or ca_file if tls else None,
+                group_readable=group_readable)
+
+
+def render(p: Plan) -> dict[str, tuple[str, int]]:
+    """Every file of the run: {path relative to OUT: (text, mode)}. Pure."""
+    o = p.options
+    shared = 0o640 if p.group_readable else 0o600
+    files: dict[str, tuple[str, int]] = {
+        DYNSEC_NAME: (_dynsec_text(p.accounts), shared),
+        ACL_NAME: (_acl_text(o.devices, o.server_user), shared),
+        CONF_NAME: (_conf_text(out_dir=o.out, listen=o.listen, port=o.port, run_as_user=o.run_as_user,
+                               autosave_interval=o.autosave_interval, log_types=o.log_types, dynsec_plugin=o.plugin,
+                               tls=p.tls, generated_ca=bool(p.tls and not o.tls_cert)), 0o644),
+    }
 
     # With TLS the clients verify the broker against a pinned CA: the fleet CA (its path on the
     # screens: --device-ca-path, else where provision wrote it), or --tls-ca, or the system store.
-    def tls_env(ca: Path | str | None) -> list[tuple[str, str]]:
-        if not tls:
+    def tls_env(ca: str | None) -> list[tuple[str, str]]:
+        if not p.tls:
             return []
-        return [("MQTT_TLS", "1")] + ([("MQTT_CA_FILE", str(ca))] if ca else [])
+        return [("MQTT_TLS", "1")] + ([("MQTT_CA_FILE", ca)] if ca else [])
 
-    broker_env = [("MQTT_BROKER", host), ("MQTT_PORT", str(int(port)))]
-    device_ca = device_ca_path or ca_file
-    for uuid in devices:
-        _write_atomic(
-            dev_dir / f"{uuid}.env",
-            _env_text(
-                [
-                    ("CLIENT_UUID", uuid),
-                    ("MQTT_USER", device_username(uuid)),
-                    ("MQTT_PASSWORD_BROKER", passwords[uuid]),
-                    *broker_env,
-                    *tls_env(device_ca),
-                ],
-                f"infoscreen device {uuid}",
-            ),
-            0o600,
-        )
-    _write_atomic(
-        server_env_path,
-        _env_text(
-            [
-                ("MQTT_USER", server_user),
-                ("MQTT_PASSWORD_BROKER", server_password),
-                *broker_env,
-                *tls_env(ca_file),
-                ("INFOSCREEN_COMMAND_KEYS", str(keys_dir)),
-            ],
-            "infoscreen server account",
-        ),
-        0o600,
-    )
+    broker_env = [("MQTT_BROKER", o.broker_host), ("MQTT_PORT", str(o.port))]
+    for uuid in o.devices:
+        files[f"{DEVICES_DIR}/{uuid}.env"] = (_env_text(
+            [("CLIENT_UUID", uuid), ("MQTT_USER", device_username(uuid)), ("MQTT_PASSWORD_BROKER", p.passwords[uuid]),
+             *broker_env, *tls_env(p.device_ca)], f"infoscreen device {uuid}"), 0o600)
+        files[f"{DEVICES_DIR}/{uuid}{COMMAND_KEY_SUFFIX}"] = (signing.key_text(p.keys[uuid]), 0o600)
+        files[f"{KEYS_DIR}/{uuid}.key"] = (signing.key_text(p.keys[uuid]), 0o600)
+    files[SERVER_ENV_NAME] = (_env_text(
+        [("MQTT_USER", o.server_user), ("MQTT_PASSWORD_BROKER", p.server_password), *broker_env,
+         *tls_env(p.ca_file), ("INFOSCREEN_COMMAND_KEYS", str(o.out / KEYS_DIR))], "infoscreen server account"), 0o600)
+    return files
 
-    # Devices no longer listed lose their account (above), their credentials and their keys.
-    listed = set(devices)
-    removed: set[str] = set()
-    for pattern, suffix, d in (("*.env", ".env", dev_dir), (f"*{COMMAND_KEY_SUFFIX}", COMMAND_KEY_SUFFIX, dev_dir),
-                               ("*.key", ".key", keys_dir)):
-        for path in sorted(d.glob(pattern)):
-            name = path.name[: -len(suffix)]
-            if name not in listed and (suffix != ".key" or _UUID_RE.match(name)):
-                path.unlink()
-                if suffix == ".env":
-                    removed.add(name)
 
+def write(p: Plan, files: dict[str, tuple[str, int]], owner: tuple[int, int] | None = None,
+          broker_uid: int | None = None) -> None:
+    """The one write: each file atomically with its mode from the start (a file whose text is
+    already that is left alone, its mode set), the broker's ownership, then the files of devices
+    no longer listed removed."""
+    out = p.options.out
+    for name, (text, mode) in files.items():
+        path = out / name
+        try:
+            same = path.is_file() and path.read_text(encoding="utf-8") == text
+        except (OSError, UnicodeDecodeError):
+            same = False
+        if same:
+            os.chmod(path, mode)
+        else:
+            _write_atomic(path, text, mode)
+    if owner:
+        for name in (DYNSEC_NAME, ACL_NAME):
+            os.chown(out / name, *owner)
+        os.chown(out / DATA_DIR, broker_uid if broker_uid is not None else -1, owner[1])
+    for name in p.remove:
+        try:
+            (out / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _broker_owner(run_as_user: str) -> tuple[tuple[int, int] | None, int | None]:
+    """Started as root, the broker reads these files after switching to `run_as_user`:
+    ((root, its group), its uid), or (None, None) when nothing changes hands."""
+    if os.geteuid() != 0:
+        return None, None
+    try:
+        pw_ent = pwd.getpwnam(run_as_user)
+    except KeyError:
+        return None, None
+    if pw_ent.pw_uid == 0:
+        return None, None
+    return (0, pw_ent.pw_gid), pw_ent.pw_uid
+
+
+def provision(
+    devices: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    listen: str = "127.0.0.1",
+    port: int | None = None,
+    server_user: str = DEFAULT_SERVER_USER,
+    broker_host: str | None = None,
+    run_as_user: str = DEFAULT_BROKER_SYSTEM_USER,
+    autosave_interval: int = 30,
+    log_types: Sequence[str] = ("error", "warning", "notice", "information"),
+    plaintext: bool = False,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_ca: str | None = None,
+    tls_sans: Sequence[str] = (),
+    device_ca_path: str | None = None,
+    dynsec_plugin: str | None = None,
+) -> Provisioned:
+    """Write (or update) a provisioned broker configuration into `out_dir`.
+
+    `devices` are canonical UUIDs (see `parse_devices`). Existing passwords, command keys and the
+    fleet CA in `out_dir` are kept. TLS by default, with a fleet CA made here (`tls_sans`: more
+    names for the broker's certificate); `tls_cert`/`tls_key`: certificates of your own;
+    `plaintext`: no TLS. `port` defaults to 8883 (TLS) or 1883. `run_as_user` is the ``user``
+    line of the configuration: the account the broker switches to when started as root.
+    Returns what was written, secrets included (never print them).
+
+    The steps: `check_options`, `read_existing`, `plan` and `render` (both pure), the fleet PKI
+    (openssl; first, so that nothing is written when it cannot be made), and one `write`.
+    """
+    opts = check_options(devices, out_dir, listen=listen, port=port, server_user=server_user,
+                         broker_host=broker_host, run_as_user=run_as_user, autosave_interval=autosave_interval,
+                         log_types=log_types, plaintext=plaintext, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
+                         tls_sans=tls_sans, device_ca_path=device_ca_path, dynsec_plugin=dynsec_plugin)
+    out = opts.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for d in (out / DEVICES_DIR, out / KEYS_DIR, out / DATA_DIR):
+            d.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(d, 0o700)
+    except OSError as exc:
+        raise ProvisionError(f"{out}: cannot create the output directory: {exc.strerror or exc}") from None
+    owner, broker_uid = _broker_owner(run_as_user)
+    tls_files: list[str] = []
+    if not opts.plaintext and not opts.tls_cert:
+        tls_files = _fleet_pki(out / TLS_DIR, opts.sans, broker_uid)[3]
+    p = plan(opts, read_existing(out, opts.devices), group_readable=owner is not None)
+    write(p, render(p), owner, broker_uid)
     return Provisioned(
         out_dir=out,
-        conf_path=conf_path,
-        dynsec_path=dynsec_path,
-        acl_path=acl_path,
-        server_env_path=server_env_path,
-        data_dir=data_dir,
-        keys_dir=keys_dir,
-        listen=listen,
-        port=int(port),
-        broker_host=host,
-        server_user=server_user,
-        server_password=server_password,
-        devices=tuple(devices),
-        device_passwords=passwords,
-        command_keys=command_keys,
-        tls=bool(tls),
-        ca_file=ca_file,
-        created=tuple(created),
-        kept=tuple(kept),
-        removed=tuple(sorted(removed)),
+        conf_path=out / CONF_NAME,
+        dynsec_path=out / DYNSEC_NAME,
+        acl_path=out / ACL_NAME,
+        server_env_path=out / SERVER_ENV_NAME,
+        data_dir=out / DATA_DIR,
+        keys_dir=out / KEYS_DIR,
+        listen=opts.listen,
+        port=opts.port,
+        broker_host=opts.broker_host,
+        server_user=opts.server_user,
+        server_password=p.server_password,
+        devices=opts.devices,
+        device_passwords=dict(p.passwords),
+        command_keys=dict(p.keys),
+        tls=p.tls is not None,
+        ca_file=Path(p.ca_file) if p.ca_file else None,
+        created=p.created,
+        kept=p.kept,
+        removed=tuple(sorted({Path(f).name[: -len(".env")] for f in p.remove if f.endswith(".env")})),
         tls_files=tuple(tls_files),
     )
 

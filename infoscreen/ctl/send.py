@@ -70,6 +70,7 @@ from infoscreen.wire.schema import (
     Action,
     AckStatus,
     CommandOut,
+    ErrorCode,
     decode_ack,
     format_utc,
 )
@@ -81,7 +82,8 @@ EXIT_ERROR = 2
 EXIT_EXPIRED = 3
 EXIT_TIMEOUT = 4
 
-ACTIONS = {"reboot": Action.REBOOT.value, "shutdown": Action.SHUTDOWN.value}
+# The command line's names: the contract's action without its "_host" (reboot, shutdown).
+ACTIONS = {a.value.removesuffix("_host"): a.value for a in Action}
 DEFAULT_EXPIRES_IN = "10m"
 DEFAULT_FOLLOW_S = 10.0
 MAX_EXPIRES_IN_S = 7 * 86400
@@ -172,6 +174,30 @@ def build_command(device: str, action: str, expires_in_s: float, *, reason: str 
 def encode_command(cmd: CommandOut) -> bytes:
     """The command's JSON, keys in the contract's order, optional fields left None omitted."""
     return schema_encode(cmd)
+
+
+def sign_payload(key: bytes | None, payload: bytes) -> str | None:
+    """The `signature` user property for these very bytes (the device's helper verifies the
+    payload as it arrives), None without a key: sent unsigned."""
+    return signing.sign(key, payload) if key is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A command ready to publish: its payload bytes and, with a key, their signature."""
+
+    command: CommandOut
+    payload: bytes
+    expires_at: float  # epoch seconds
+    signature: str | None
+
+
+def prepare_command(device: str, action: str, expires_in_s: float, key: bytes | None, *, reason: str | None = None,
+                    requested_by: str | None = None) -> Prepared:
+    """The command of `send` (see `build_command`), encoded and signed with `key` (None: unsigned)."""
+    cmd, expires_at = build_command(device, action, expires_in_s, reason=reason, requested_by=requested_by)
+    payload = encode_command(cmd)
+    return Prepared(cmd, payload, expires_at, sign_payload(key, payload))
 
 
 def default_requested_by() -> str:
@@ -411,7 +437,7 @@ def follow_command(
         outcome, code = "failed", EXIT_FAILED
         line = f"failed: {terminal.error_code or 'no error_code'}: {terminal.error_message or 'no message'}"
     elif wait and now >= expires_mono:
-        outcome, code = "expired", EXIT_EXPIRED
+        outcome, code = ErrorCode.EXPIRED.value, EXIT_EXPIRED  # the contract's word for it
         line = (f"expired: no completed or failed ack before expires_at {format_utc(expires_at)} "
                 f"(last status: {last})")
     elif wait:
@@ -447,7 +473,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n", 1)[0],
         epilog="exit status with --wait: 0 completed, 1 failed, 2 not sent, 3 expired, 4 --timeout reached",
     )
-    p.add_argument("action", choices=sorted(ACTIONS), help="reboot (reboot_host) or shutdown (shutdown_host)")
+    p.add_argument("action", choices=sorted(ACTIONS), help=", ".join(f"{k} ({v})" for k, v in sorted(ACTIONS.items())))
     p.add_argument("--device", required=True, type=check_device_uuid, metavar="UUID", help="the device's CLIENT_UUID")
     p.add_argument("--expires-in", type=_expires_in, default=_expires_in(DEFAULT_EXPIRES_IN), metavar="DURATION",
                    help=f"the command's validity, e.g. 90s, 10m, 1h (default: {DEFAULT_EXPIRES_IN})")
@@ -497,11 +523,9 @@ def run(args: argparse.Namespace) -> int:
     except (SessionError, CommandKeyError) as exc:
         print(f"infoscreenctl send: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    cmd, expires_at = build_command(device, action, args.expires_in, reason=args.reason,
-                                    requested_by=args.requested_by or default_requested_by())
-    payload = encode_command(cmd)
-    # Signed over these very bytes: the device's helper verifies the payload as it arrives.
-    signature = signing.sign(key, payload) if key is not None else None
+    prepared = prepare_command(device, action, args.expires_in, key, reason=args.reason,
+                               requested_by=args.requested_by or default_requested_by())
+    cmd, payload, expires_at, signature = prepared.command, prepared.payload, prepared.expires_at, prepared.signature
     session = Session(settings)
     try:
         # With --wait the broker keeps our session (subscriptions, queued acks) across a connection

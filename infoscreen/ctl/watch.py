@@ -38,7 +38,7 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
-from typing import Annotated, Any, TextIO
+from typing import Any, TextIO
 
 import msgspec
 
@@ -53,13 +53,14 @@ from infoscreen.ctl.session import (
     add_connection_args,
     check_device_uuid,
     device_of,
-    field,
+    fields_of,
     format_age,
     printable,
     read_json,
     settings_from_args,
 )
 from infoscreen.wire import topics
+from infoscreen.wire.schema import Health, Heartbeat
 
 DEFAULT_STALE_S = 90.0
 REDRAW_S = 1.0
@@ -72,10 +73,6 @@ EXIT_ERROR = 2
 # broker's packet limit: a larger payload is not parsed.
 MAX_HEARTBEAT_BYTES = 16 * 1024
 MAX_HEALTH_BYTES = 64 * 1024
-
-_Short = Annotated[str, msgspec.Meta(max_length=64)]
-_Pid = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
-_Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 
 
 def _iso(ts: float) -> str:
@@ -100,42 +97,42 @@ class HealthView(msgspec.Struct, frozen=True):
     problem: str | None = None
 
 
-def _text(obj: Any, key: str) -> str | None:
-    value = field(obj, key, _Short)
+def _text(value: str | None) -> str | None:
     return None if value is None else printable(value, 64)
 
 
 def parse_heartbeat(payload: bytes) -> tuple[HeartbeatView, Any]:
-    """(the view, the payload's JSON value or None): never raises, whatever the payload."""
+    """(the view, the payload's JSON value or None): never raises, whatever the payload. The
+    fields and their bounds are those of wire.schema.Heartbeat."""
     try:
         obj = read_json(payload, MAX_HEARTBEAT_BYTES)
     except Unreadable as exc:
         return HeartbeatView(problem=f"unreadable heartbeat: {exc}"), None
     if not isinstance(obj, dict):
         return HeartbeatView(problem="unreadable heartbeat: not a JSON object"), obj
-    ts = _text(obj, "timestamp")
+    ts = _text(fields_of(obj, Heartbeat)["timestamp"])
     return HeartbeatView(timestamp=ts, problem=None if ts is not None else "no timestamp"), obj
 
 
 def parse_health(payload: bytes) -> tuple[HealthView, Any]:
     """(the view, the payload's JSON value or None): never raises, whatever the payload. Each
-    field is read on its own, so one wrong field loses only itself."""
+    field of wire.schema.Health is read on its own, so one wrong field loses only itself."""
     try:
         obj = read_json(payload, MAX_HEALTH_BYTES)
     except Unreadable as exc:
         return HealthView(problem=f"unreadable health: {exc}"), None
     if not isinstance(obj, dict):
         return HealthView(problem="unreadable health: not a JSON object"), obj
-    actual = obj.get("actual_state")
-    bc = obj.get("broker_connection")
+    h = fields_of(obj, Health)
+    actual, bc = h["actual_state"] or {}, h["broker_connection"] or {}
     view = HealthView(
-        display=_text(actual, "status"),
-        display_pid=field(actual, "pid", _Pid),
-        broker_reachable=field(bc, "broker_reachable", bool),
-        reconnect_count=field(bc, "reconnect_count", _Count),
-        last_disconnect_at=_text(bc, "last_disconnect_at"),
+        display=_text(actual.get("status")),
+        display_pid=actual.get("pid"),
+        broker_reachable=bc.get("broker_reachable"),
+        reconnect_count=bc.get("reconnect_count"),
+        last_disconnect_at=_text(bc.get("last_disconnect_at")),
     )
-    if not isinstance(actual, dict) or not isinstance(bc, dict):
+    if h["actual_state"] is None or h["broker_connection"] is None:
         view = msgspec.structs.replace(view, problem="no actual_state or broker_connection object")
     return view, obj
 
@@ -487,7 +484,7 @@ def subscriptions(devices: list[str] | None) -> list[str]:
     if devices:
         return [t for d in dict.fromkeys(devices)
                 for t in (topics.heartbeat(d), topics.health(d), topics.service_failed(d))]
-    return [f"{topics.PREFIX}/+/heartbeat", f"{topics.PREFIX}/+/health", f"{topics.PREFIX}/+/service_failed"]
+    return [topics.every_device(kind) for kind in _KINDS]
 
 
 def run(args: argparse.Namespace) -> int:

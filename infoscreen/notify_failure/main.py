@@ -25,7 +25,6 @@ the client crash-looped, must not also silence its alert.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -36,17 +35,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from infoscreen.config import ClientConfig, ConfigError, load_config, read_env_file, validate_client_uuid
+from infoscreen.mqttclient import Session, SessionError, Settings, rc_text
+from infoscreen.wire import topics
+from infoscreen.wire.schema import UNIT_PATTERN, ServiceFailed, encode, format_utc
 
 PROG = "infoscreen-notify-failure"
 EXIT_OK, EXIT_UNDELIVERED, EXIT_USAGE = 0, 1, 2
 NEEDED_VARS = ("CLIENT_UUID", "MQTT_BROKER", "MQTT_PORT", "MQTT_USER", "MQTT_PASSWORD_BROKER", "MQTT_TLS",
                "MQTT_CA_FILE", "MQTT_CERT_FILE", "MQTT_KEY_FILE", "INFOSCREEN_STATE_DIR")
-UNIT_RE = re.compile(r"[A-Za-z0-9:_.\\@-]{1,255}")
+UNIT_RE = re.compile(UNIT_PATTERN)
 SHOW_PROPS = ("ActiveState", "SubState", "Result", "NRestarts", "StateChangeTimestampMonotonic")
 UNSETTLED_ACTIVE = {"activating", "deactivating", "reloading"}  # systemd has not decided yet
-# CONNACK reason codes after which retrying cannot help (0x84 protocol version, 0x85 client id,
-# 0x86 bad login, 0x87 not authorized, 0x8C auth method); anything else is retried.
-PERMANENT_CONNACK = {0x84, 0x85, 0x86, 0x87, 0x8C}
 # The MQTT worker's session expiry (infoscreen/workers/mqtt/connection.py, tied by a test): the
 # last CONNECT sets the session's expiry, and this one must not shorten the worker's.
 SESSION_EXPIRY_S = 7 * 86400
@@ -143,10 +142,8 @@ def resolve_uuid(cfg: ClientConfig) -> str:
 
 
 def alert_payload(unit: str, client_uuid: str, failed_at: float) -> bytes:
-    """The contract's payload, in the contract's key order."""
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(failed_at))
-    body = {"event": "service_failed", "unit": unit, "client_uuid": client_uuid, "failed_at": stamp}
-    return json.dumps(body, separators=(",", ":")).encode()
+    """The contract's payload (wire.schema.ServiceFailed: its four keys, in its order)."""
+    return encode(ServiceFailed(unit=unit, client_uuid=client_uuid, failed_at=format_utc(failed_at)))
 
 
 # ---------------------------------------------------------------------------------- delivery
@@ -159,60 +156,29 @@ class TransientFailure(Exception):
 
 
 def publish_once(cfg: ClientConfig, topic: str, payload: bytes, client_uuid: str, timeout: float) -> None:
-    """Resume the device's session, publish QoS 1 retained, wait for the PUBACK, disconnect."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    got: dict = {}
-    # manual_ack and no on_message: what the session delivers is never acknowledged, so the
-    # broker keeps it (unacknowledged messages are sent again when the worker resumes the session).
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_uuid, protocol=mqtt.MQTTv5, manual_ack=True)
-    client.on_connect = lambda c, u, flags, rc, props: got.setdefault("connack", rc)
-    client.on_publish = lambda c, u, mid, rc, props: got.setdefault(mid, rc)
-    if cfg.mqtt_user:
-        client.username_pw_set(cfg.mqtt_user, cfg.mqtt_password)
-    else:
+    """Resume the device's session, publish QoS 1 retained, wait for the PUBACK, disconnect
+    (a normal DISCONNECT: the session stays, with the worker's expiry)."""
+    # receive=False: what the session delivers is never acknowledged, so the broker keeps it
+    # (unacknowledged messages are sent again when the worker resumes the session).
+    session = Session(Settings.from_config(cfg, client_id=client_uuid, connect_timeout=timeout), receive=False)
+    if not cfg.mqtt_user:
         log("warning: connecting without a broker login (MQTT_USER is not set)")
-    if cfg.mqtt_tls:
-        client.tls_set(ca_certs=cfg.mqtt_ca_file, certfile=cfg.mqtt_cert_file, keyfile=cfg.mqtt_key_file)
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = SESSION_EXPIRY_S
-    props.ReceiveMaximum = 1  # take as little of the session's queue in flight as MQTT allows
-    deadline = time.monotonic() + timeout
-
-    def pump(key: object, what: str) -> object:
-        while key not in got:
-            if time.monotonic() > deadline:
-                raise TransientFailure(f"no {what} in time")
-            rc = client.loop(timeout=0.2)
-            if rc != mqtt.MQTT_ERR_SUCCESS and key not in got:
-                raise TransientFailure(f"connection lost before {what} ({mqtt.error_string(rc)})")
-        return got[key]
-
     try:
+        try:  # take as little of the session's queue in flight as MQTT allows
+            session.connect(session_expiry=SESSION_EXPIRY_S, receive_maximum=1)
+        except SessionError as exc:
+            if exc.code is None:
+                raise TransientFailure(str(exc)) from None
+            msg = f"broker refused the connection: {rc_text(exc.code)} (0x{exc.code:02X})"
+            raise (PermanentFailure if exc.permanent else TransientFailure)(msg) from None
         try:
-            client.connect(cfg.mqtt_broker, cfg.mqtt_port, keepalive=30, clean_start=False, properties=props)
-        except OSError as exc:
-            raise TransientFailure(f"cannot connect to {cfg.mqtt_broker}:{cfg.mqtt_port}: {exc.strerror or exc}") from None
-        connack = pump("connack", "CONNACK")
-        if connack.is_failure:
-            msg = f"broker refused the connection: {connack} (0x{connack.value:02X})"
-            raise (PermanentFailure if connack.value in PERMANENT_CONNACK else TransientFailure)(msg)
-        info = client.publish(topic, payload, qos=1, retain=True)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise TransientFailure(f"publish failed locally ({mqtt.error_string(info.rc)})")
-        puback = pump(info.mid, "PUBACK")
-        if puback.is_failure:  # 0x87 not authorized (the ACL), 0x95 too large...: a retry cannot help
-            raise PermanentFailure(f"broker refused the alert: PUBACK {puback} (0x{puback.value:02X})")
+            session.publish(topic, payload, qos=1, retain=True, timeout=timeout)
+        except SessionError as exc:  # 0x87 not authorized (the ACL), 0x95 too large...: a retry cannot help
+            if exc.code is None:
+                raise TransientFailure(str(exc)) from None
+            raise PermanentFailure(f"broker refused the alert: PUBACK {rc_text(exc.code)} (0x{exc.code:02X})") from None
     finally:
-        if client.socket() is not None:
-            try:  # a normal DISCONNECT: the session stays, with the expiry set above
-                client.disconnect()
-                client.loop(timeout=0.2)
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
+        session.close(end_session=False)
 
 
 def deliver(cfg: ClientConfig, topic: str, payload: bytes, client_uuid: str, budget: float,
@@ -281,8 +247,6 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             return EXIT_OK
         if state is not None:
             log(f"{unit} has failed for good ({state}); alerting")
-    from infoscreen.wire import topics
-
     payload = alert_payload(unit, client_uuid, failed_at_from(state))
     ok = deliver(cfg, topics.service_failed(client_uuid), payload, client_uuid, args.deliver_timeout)
     return EXIT_OK if ok else EXIT_UNDELIVERED

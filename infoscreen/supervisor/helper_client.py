@@ -1,4 +1,4 @@
-"""The supervisor's client for the root helper (standard library only).
+"""The supervisor's client for the root helper.
 
 `call_helper` makes one request over the helper's Unix socket and maps every outcome onto the
 ack error codes (docs/server-integration.md). It carries the command's MQTT payload bytes and its
@@ -26,7 +26,11 @@ import time
 from dataclasses import dataclass
 
 from infoscreen.helper import protocol
+from infoscreen.wire.schema import ErrorCode
 
+# The helper's own codes (its standard-library table, protocol.ERRORS; tests/wire ties them):
+# two of them are ack codes of the same name and pass through, two mean the execution failed.
+_SAME_NAME = frozenset((ErrorCode.BUSY.value, ErrorCode.SIGNATURE_INVALID.value))
 _EXECUTION_CODES = frozenset(("exec_failed", "exec_timeout"))
 _RESPONSE_KEYS = frozenset(("v", "ok", "command_id", "mock", "error_code", "error_message"))
 
@@ -39,8 +43,8 @@ class HelperOutcome:
     error_message: str | None
 
 
-def _fail(code: str, message: str) -> HelperOutcome:
-    return HelperOutcome(False, False, code, message[: protocol.MAX_MESSAGE + 40])
+def _fail(code: ErrorCode, message: str) -> HelperOutcome:
+    return HelperOutcome(False, False, code.value, message[: protocol.MAX_MESSAGE + 40])
 
 
 def encode_request(action: str, command_id: str, payload: bytes, signature: str | None) -> bytes:
@@ -78,11 +82,11 @@ def _map_answer(answer: dict) -> HelperOutcome:
     if answer["ok"]:
         return HelperOutcome(True, answer["mock"], None, None)
     code, detail = answer["error_code"], answer["error_message"] or ""
-    if code in ("busy", "signature_invalid"):  # the ack codes of the same name
-        return HelperOutcome(False, answer["mock"], code, detail or code)
+    if code in _SAME_NAME:  # the ack codes of the same name
+        return HelperOutcome(False, answer["mock"], ErrorCode(code).value, detail or code)
     if code in _EXECUTION_CODES:
-        return HelperOutcome(False, answer["mock"], "execution_failed", f"{code}: {detail}")
-    return HelperOutcome(False, answer["mock"], "helper_rejected", f"{code}: {detail}")
+        return HelperOutcome(False, answer["mock"], ErrorCode.EXECUTION_FAILED.value, f"{code}: {detail}")
+    return HelperOutcome(False, answer["mock"], ErrorCode.HELPER_REJECTED.value, f"{code}: {detail}")
 
 
 def call_helper(socket_path: str, action: str, command_id: str, timeout_s: float, payload: bytes,
@@ -93,20 +97,20 @@ def call_helper(socket_path: str, action: str, command_id: str, timeout_s: float
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         if timeout_s <= 0:
-            return _fail("helper_timeout", "no time left to call the helper")
+            return _fail(ErrorCode.HELPER_TIMEOUT, "no time left to call the helper")
         sock.settimeout(timeout_s)
         try:
             sock.connect(socket_path)
         except socket.timeout:   # kept for safety: AF_UNIX does not wait in connect()
-            return _fail("helper_timeout", "connect to helper timed out")
+            return _fail(ErrorCode.HELPER_TIMEOUT, "connect to helper timed out")
         except OSError as exc:   # ENOENT, ECONNREFUSED, EACCES, ENOTDIR; a full backlog: EAGAIN
             reason = exc.strerror or exc
-            return _fail("helper_unavailable", f"helper socket {socket_path}: {reason}")
+            return _fail(ErrorCode.HELPER_UNAVAILABLE, f"helper socket {socket_path}: {reason}")
         # Fail closed before sending anything: only a root process (the helper) may answer. A
         # process with our own uid is accepted too (development runs): it could act as us anyway.
         uid = _peer_uid(sock)
         if uid not in (0, os.geteuid()):
-            return _fail("helper_unavailable", f"helper socket {socket_path} is served by uid {uid}, not root")
+            return _fail(ErrorCode.HELPER_UNAVAILABLE, f"helper socket {socket_path} is served by uid {uid}, not root")
         try:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             try:
@@ -116,19 +120,19 @@ def call_helper(socket_path: str, action: str, command_id: str, timeout_s: float
                 pass   # it answered before reading (a refused peer) and closed: read that answer
             data = protocol.read_frame(sock, deadline)
         except socket.timeout:
-            return _fail("helper_timeout", f"no answer from helper within {timeout_s:g} s")
+            return _fail(ErrorCode.HELPER_TIMEOUT, f"no answer from helper within {timeout_s:g} s")
         except protocol.ProtocolError:
-            return _fail("helper_rejected", "helper answer too large")
+            return _fail(ErrorCode.HELPER_REJECTED, "helper answer too large")
         except OSError as exc:   # EPIPE/ECONNRESET: the helper closed without answering
-            return _fail("helper_rejected", f"helper closed the connection: {exc.strerror or exc}")
+            return _fail(ErrorCode.HELPER_REJECTED, f"helper closed the connection: {exc.strerror or exc}")
         if not data:
-            return _fail("helper_rejected", "helper closed the connection without an answer")
+            return _fail(ErrorCode.HELPER_REJECTED, "helper closed the connection without an answer")
         try:
             answer = decode_response(data)
         except protocol.ProtocolError:
-            return _fail("helper_rejected", "malformed answer from helper")
+            return _fail(ErrorCode.HELPER_REJECTED, "malformed answer from helper")
         if answer["command_id"] not in (None, command_id):
-            return _fail("helper_rejected", "helper answered for another command_id")
+            return _fail(ErrorCode.HELPER_REJECTED, "helper answered for another command_id")
         return _map_answer(answer)
     finally:
         sock.close()

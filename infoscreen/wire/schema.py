@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime, timezone
+from typing import Annotated, Any
 
 import msgspec
 
@@ -79,25 +80,94 @@ class CommandOut(msgspec.Struct, kw_only=True, omit_defaults=True):
     requested_by: str | None = None
 
 
-class ServiceFailed(msgspec.Struct):
-    """The retained alert of the OnFailure unit (docs/server-integration.md, "service_failed")."""
+# Bounds of what a reader keeps of a device's payload (the operator tool reads every field with
+# these types; the device's encoder does not check them). Far above the real values.
+Short = Annotated[str, msgspec.Meta(max_length=64)]
+Text = Annotated[str, msgspec.Meta(max_length=2000)]
+Pid = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+# A systemd unit name: at most 256 characters of this set (other bytes are \x-escaped by systemd).
+UNIT_PATTERN = r"[A-Za-z0-9:_.\\@-]{1,256}"
+Unit = Annotated[str, msgspec.Meta(pattern=r"\A" + UNIT_PATTERN + r"\Z")]  # \Z: no trailing newline
+SERVICE_FAILED = "service_failed"
 
-    unit: str
-    client_uuid: str
-    failed_at: str
-    event: str = "service_failed"
+
+class ServiceFailed(msgspec.Struct, kw_only=True):
+    """The retained alert of the OnFailure unit (docs/server-integration.md, "service_failed"):
+    exactly these four keys, in this order."""
+
+    event: Short = SERVICE_FAILED
+    unit: Unit
+    client_uuid: Short
+    failed_at: Short
 
 
 class Heartbeat(msgspec.Struct):
-    timestamp: str
-    client_uuid: str
+    timestamp: Short
+    client_uuid: Short
     uptime_s: float | None = None
+
+
+class ExpectedState(msgspec.Struct):
+    event_id: Annotated[str, msgspec.Meta(max_length=128)] | int | None = None
+
+
+class ActualState(msgspec.Struct):
+    process: Short
+    pid: Pid | None
+    status: Short
 
 
 class BrokerConnection(msgspec.Struct):
     broker_reachable: bool
-    reconnect_count: int
-    last_disconnect_at: str | None
+    reconnect_count: Count
+    last_disconnect_at: Short | None
+
+
+class HostFacts(msgspec.Struct):
+    cpu_percent: float | None = None
+    memory_percent: float | None = None
+    disk_percent: float | None = None
+    temperature_c: float | None = None
+    uptime_s: float | None = None
+    boot_id: Short | None = None
+    load_1m: float | None = None
+
+
+class SupervisorState(msgspec.Struct):
+    workers: dict[str, str]
+    restarts: dict[str, int]
+
+
+class Health(msgspec.Struct, kw_only=True):
+    """The health report: the contract's fields (timestamp, expected_state, actual_state,
+    broker_connection) and the project's extra blocks, in the order they are published."""
+
+    timestamp: Short
+    client_uuid: Short
+    expected_state: ExpectedState
+    actual_state: ActualState
+    broker_connection: BrokerConnection
+    host: HostFacts
+    clock_synchronized: bool
+    refused_publishes: Count
+    last_power_command: dict[str, Any] | None
+    group_id: Short | None
+    pending_acks: Count
+    command_auth: Short
+    probe_errors: list[str]
+    supervisor: SupervisorState | None
+
+
+class LogRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A record on ``logs/{level}``; `dropped_before` only when records were dropped before it."""
+
+    timestamp: Short
+    client_uuid: Short
+    level: Short
+    source: Short
+    message: Text
+    dropped_before: Count | None = None
 
 
 _ack_encoder = msgspec.json.Encoder()

@@ -1,5 +1,7 @@
 """The README's first command, end to end: `scripts/demo` (bootstrap, then infoscreen/ctl/demo.py)
-against a real Mosquitto, the real helper in mock mode and the real supervisor with both workers.
+against a real Mosquitto (TLS, as provisioned by default), the real helper in mock mode holding the
+screen's command key, and the real supervisor with both workers; the commands signed as `send`
+signs them.
 
 Checks its exit status, the key lines of each step, and that nothing it started is left running
 (no process refers to its temporary directory) and the directory is gone. A second test interrupts
@@ -114,7 +116,7 @@ def test_demo_end_to_end(demo_runner):
     assert rc == 0, out
     # 1: broker provisioned and running
     assert re.search(r"^\s+\$ infoscreenctl broker provision --devices devices.txt --out broker/ --port \d+$", out, re.M)
-    assert re.search(r"Mosquitto is running on 127\.0\.0\.1:\d+ \(pid \d+\)", out)
+    assert re.search(r"Mosquitto is running on 127\.0\.0\.1:\d+ \(pid \d+\), TLS only\.", out)
     # 2: the tree online
     assert re.search(r"supervisor `infoscreen-simclient` \(pid \d+\) started two workers: MQTT \(pid \d+\)", out)
     assert "is online:" in out
@@ -123,9 +125,12 @@ def test_demo_end_to_end(demo_runner):
     assert re.findall(r"^\s+\+[\d.]+ (?:ms|s)\s+(\w+)", s3, re.M) == [
         "published", "accepted", "execution_started", "completed"]
     assert re.search(r"^\s+completed: device \S+ confirmed reboot_host", s3, re.M)
+    assert "signed with the screen's key" in s3
     # 4: the invalid command's failed ack with its code
     s4 = out.split("[4/6]")[1].split("[5/6]")[0]
     assert re.search(r"^\s+\+[\d.]+ ms\s+failed  unsupported_action: ", s4, re.M)
+    # ... and an unsigned reboot refused by the keyed screen: the demo's screen has its key
+    assert re.search(r"^\s+\+[\d.]+ ms\s+failed  signature_invalid: ", s4, re.M)
     # 5: the worker killed, replaced, the command in flight completed
     s5 = out.split("[5/6]")[1].split("[6/6]")[0]
     killed = re.search(r"killed the MQTT worker \(pid (\d+)\)", s5)

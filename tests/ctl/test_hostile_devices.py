@@ -18,7 +18,7 @@ import uuid as uuidlib
 
 import pytest
 
-from infoscreen.ctl import session as session_mod
+from infoscreen import mqttclient as session_mod  # the shared session: its inbox bounds
 from infoscreen.ctl.send import MAX_WARNINGS
 from infoscreen.ctl.session import Received, Session, settings_from_args
 from infoscreen.wire import topics

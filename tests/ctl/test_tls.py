@@ -46,3 +46,25 @@ def test_a_plaintext_broker_and_its_server_env(broker_factory, device_uuid, ctl_
     p = ctl_raw("alerts", "--env", str(b.server_env_path))
     assert p.wait(20) == 0, p.stderr
     assert "(TLS)" not in p.stderr
+
+
+def test_the_shared_session_checks_the_host_name(broker_factory, device_uuid, tmp_path):
+    """The operator's and the alert unit's client (infoscreen.mqttclient) verify the name the
+    certificate was issued for, as the worker does: a broker reached under another address is
+    refused even though its certificate is of the pinned CA."""
+    import pytest
+
+    from infoscreen.mqttclient import Session, SessionError, Settings
+
+    ca = pki.make_ca(tmp_path / "pki", "fleet-ca")
+    cert, key = pki.make_server_cert(tmp_path / "pki", ca)  # names localhost and 127.0.0.1 only
+    b = broker_factory([device_uuid], host="127.0.0.2", tls=(str(cert), str(key), str(ca[0])))
+    settings = Settings(host="127.0.0.2", port=b.port, user=b.server_user, password=b.server_password, tls=True,
+                        ca_file=str(ca[0]), connect_timeout=5)
+    session = Session(settings)
+    try:
+        with pytest.raises(SessionError, match="certificate: IP address mismatch"):
+            session.connect()
+    finally:
+        session.close()
+    assert b.server_password not in str(settings)

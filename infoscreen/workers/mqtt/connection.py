@@ -38,6 +38,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ...config import ClientConfig
 from ...loop import Loop, Timer
+from ...mqttclient import configure_mqtt_security  # noqa: F401 - TLS rules shared with every client
 
 log = logging.getLogger(__name__)
 
@@ -57,27 +58,6 @@ def _rc(value: object) -> int:
     if hasattr(value, "value"):
         return int(value.value)  # type: ignore[attr-defined]
     return int(value)  # type: ignore[arg-type]
-
-
-def configure_mqtt_security(client: mqtt.Client, cfg: ClientConfig, logger: logging.Logger = log) -> None:
-    """Broker login and TLS from the configuration.
-
-    Login (MQTT_USER / MQTT_PASSWORD_BROKER) is independent of the identity (CLIENT_UUID).
-    TLS: the CA file (or the system store), an optional client certificate; certificate
-    and host name verification are always on. Without login: one warning per call.
-    """
-    if cfg.mqtt_user:
-        client.username_pw_set(cfg.mqtt_user, cfg.mqtt_password)
-    else:
-        logger.warning("connecting to %s:%d without a broker login (MQTT_USER unset)", cfg.mqtt_broker, cfg.mqtt_port)
-    if cfg.mqtt_tls:
-        ctx = ssl.create_default_context(cafile=cfg.mqtt_ca_file) if cfg.mqtt_ca_file else ssl.create_default_context()
-        ctx.check_hostname = True
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if cfg.mqtt_cert_file:
-            ctx.load_cert_chain(cfg.mqtt_cert_file, cfg.mqtt_key_file)
-        client.tls_set_context(ctx)
 
 
 class _BoundedClient(mqtt.Client):

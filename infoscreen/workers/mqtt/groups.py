@@ -116,13 +116,13 @@ class Groups:
         log.info("group changed: %s -> %s", old, group)
 
     def handles(self, topic: str) -> bool:
-        return topic.startswith(f"{topics.PREFIX}/events/") or topic.startswith(f"{topics.PREFIX}/groups/")
+        return topics.is_group_topic(topic)
 
     def on_message(self, topic: str, payload: bytes) -> None:
         if not self.group or topic not in self.topics_of(self.group):
             # A leftover subscription of an older group (e.g. in the broker's session).
             log.info("ignored %s: not a topic of the current group %s", topic, self.group)
-            if topic.startswith(f"{topics.PREFIX}/events/") or topic.endswith("/power/intent"):
+            if topics.is_group_topic(topic):
                 self.conn.unsubscribe(topic)
             return
         if topic == topics.events(self.group):

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from ...wire import topics
-from ...wire.schema import format_utc
+from ...wire.schema import LogRecord, format_utc
 from .ratelimit import TokenBucket
 
 LOG_RATE = 5.0
@@ -54,16 +54,11 @@ class LogPublisher:
             return
         dropped = self.bucket.pop_dropped() + self.offline_dropped
         self.offline_dropped = 0
-        body: dict[str, Any] = {
-            "timestamp": format_utc(created),
-            "client_uuid": self.uuid,
-            "level": level,
-            "source": source,
-            "message": message[:2000],
-        }
+        text = message[:2000]
         if dropped:
-            body["dropped_before"] = dropped
-            body["message"] = f"{body['message']} ({dropped} earlier log records dropped by the rate limit)"
+            text = f"{text} ({dropped} earlier log records dropped by the rate limit)"
+        body = LogRecord(timestamp=format_utc(created), client_uuid=self.uuid, level=level, source=source,
+                         message=text, dropped_before=dropped or None)
         if self.publish(topics.logs(self.uuid, level), encode(body)) is not None:
             self.sent += 1
 

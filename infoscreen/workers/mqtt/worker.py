@@ -13,7 +13,8 @@ import msgspec
 from ...config import ConfigError, ensure_client_uuid
 from ...ipc import messages
 from ...wire import topics
-from ...wire.schema import Heartbeat, utc_now_iso
+from ...wire.schema import (ActualState, BrokerConnection, ExpectedState, Health, Heartbeat, HostFacts,
+                            SupervisorState, utc_now_iso)
 from ..runtime import Worker
 from . import bootid
 from .clock import Clock, SystemClock
@@ -146,13 +147,15 @@ class MqttWorker(Worker):
         return m.topic in self.command_topics and self.lifecycle.give_up(m.payload, why)
 
     def _puback(self, mid: int, rc: int, topic: str) -> None:
-        if "/ack" in topic:
+        kind = topics.parse(topic)
+        name = kind[0] if kind is not None else None
+        if name in ("ack", "ack_alias"):
             crash("before_puback")
         if self.outbox.on_puback(mid, rc) is not None:
             return
         if rc >= 128:
             self.refused_other += 1
-            if "/logs/" in topic:
+            if name == "logs":
                 self._quiet_sink = True  # a refused log must not log (and publish) another one
                 try:
                     log.warning("the broker refused a publish on %s (reason code %d)", topic, rc)
@@ -189,28 +192,25 @@ class MqttWorker(Worker):
         if self._publish_plain(topics.heartbeat(self.uuid), encode(hb)) is not None:
             self.heartbeats += 1
 
-    def health_payload(self, report: messages.HealthReport) -> dict[str, Any]:
-        host = msgspec.structs.asdict(report.host)
-        return {
-            "timestamp": report.timestamp,
-            "client_uuid": self.uuid,
-            "expected_state": {"event_id": self.groups.event_id},
-            "actual_state": {
-                "process": report.actual_state.process,
-                "pid": report.actual_state.pid,
-                "status": report.actual_state.status,
-            },
-            "broker_connection": dict(self.broker),
-            "host": host,
-            "clock_synchronized": self.clock.synchronized(),
-            "refused_publishes": self.refused_publishes,
-            "last_power_command": self.lifecycle.last_power_command(),
-            "group_id": self.groups.group,
-            "pending_acks": len(self.outbox.rows),
-            "command_auth": "signed" if os.path.exists(self.cfg.command_key_file) else "unsigned",
-            "probe_errors": list(report.probe_errors),
-            "supervisor": self.tree,
-        }
+    def health_payload(self, report: messages.HealthReport) -> Health:
+        tree = self.tree
+        return Health(
+            timestamp=report.timestamp,
+            client_uuid=self.uuid,
+            expected_state=ExpectedState(event_id=self.groups.event_id),
+            actual_state=ActualState(process=report.actual_state.process, pid=report.actual_state.pid,
+                                     status=report.actual_state.status),
+            broker_connection=BrokerConnection(**self.broker),
+            host=msgspec.convert(msgspec.structs.asdict(report.host), HostFacts),
+            clock_synchronized=self.clock.synchronized(),
+            refused_publishes=self.refused_publishes,
+            last_power_command=self.lifecycle.last_power_command(),
+            group_id=self.groups.group,
+            pending_acks=len(self.outbox.rows),
+            command_auth="signed" if os.path.exists(self.cfg.command_key_file) else "unsigned",
+            probe_errors=list(report.probe_errors),
+            supervisor=None if tree is None else SupervisorState(**tree),
+        )
 
     # -- IPC --------------------------------------------------------------------------------------
     def on_message(self, msg: messages.Msg) -> None:
