@@ -1,6 +1,6 @@
-"""One way to start a tree: the demo's environments (infoscreen/ctl/localtree.py) are the ones
-the tests' Tree (tests/support/tree.py, used by the benchmarks too) builds, so the demo runs what
-the tests check. The demo itself runs end to end in tests/ctl/test_demo.py."""
+"""One way to start a tree: the tests' Tree (tests/support/tree.py, used by the benchmarks too)
+builds its environments with the demo's (infoscreen/ctl/localtree.py), so the demo runs what the
+tests check. The demo itself runs end to end in tests/ctl/test_demo.py."""
 
 from __future__ import annotations
 

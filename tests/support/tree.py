@@ -10,7 +10,6 @@ Everything it starts it stops (also if the test fails): use the `tree_factory` f
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -22,30 +21,14 @@ from pathlib import Path
 
 import psutil
 
+from infoscreen.ctl import localtree
 from tests.support.notify import NotifyListener
 from tests.support.waiting import stop_process, wait_until
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent() -> None:  # in the child, between fork and exec
-    _libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: never outlive a killed test run
-
-
-def helper_env(sock: Path, state: Path, **overrides: str) -> dict[str, str]:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HELPER_SOCKET": str(sock),
-        "HELPER_STATE_DIR": str(state),
-        "HELPER_ALLOWED_USERS": str(os.getuid()),
-        "HELPER_ALLOWED_GROUPS": str(os.getgid()),
-        "HELPER_GRACE_S": "0",
-        "HELPER_MAX_ACTIONS_PER_HOUR": "100000",
-        "INFOSCREEN_ENV": "development",
-        "COMMAND_MOCK_REBOOT_IMMEDIATE_COMPLETE": "1",
-    }
-    env.update(overrides)
-    return env
+# The demo's environments, so the tests (and the benchmarks, which use this Tree) start a tree
+# the one way the demo does.
+_die_with_parent = localtree.die_with_parent
+helper_env = localtree.helper_env
 
 
 class Helper:
@@ -104,34 +87,16 @@ class Tree:
         self.notify = NotifyListener(self.runtime / "notify.sock")
         self.log_path = self.dir / "supervisor.log"
         self.proc: subprocess.Popen | None = None
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "INFOSCREEN_", "HELPER_"))}
-        self.env.update(
-            {
-                "INFOSCREEN_ENV": "test",
-                "INFOSCREEN_STATE_DIR": str(self.state),
-                "INFOSCREEN_RUNTIME_DIR": str(self.runtime / "run"),
-                "HELPER_SOCKET": str(self.helper.socket if self.helper else self.dir / "no-helper.sock"),
-                "NOTIFY_SOCKET": self.notify.path,
-                "WATCHDOG_USEC": str(watchdog_usec),
-                "HEARTBEAT_INTERVAL_S": "1",
-                "HEALTH_INTERVAL_S": "1",
-                "WORKER_HEARTBEAT_S": "0.2",
-                "WORKER_HANG_TIMEOUT_S": "1.5",
-                "HELPER_TIMEOUT_S": "2",
-                "REBOOT_GRACE_S": "5",
-                "DISPLAY_PROCESS_NAME": "display_manager",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
+        device_env: dict[str, str] = {}
         if broker is not None:
             assert uuid is not None
-            self.env.update(broker.device_env(uuid))
-            self.env["MQTT_BROKER"] = broker.host
-            self.env["MQTT_PORT"] = str(broker.port)
-        elif uuid is not None:
-            self.env["CLIENT_UUID"] = uuid
+            device_env = {**broker.device_env(uuid), "MQTT_BROKER": broker.host, "MQTT_PORT": str(broker.port)}
         if uuid is not None:
-            self.env["CLIENT_UUID"] = uuid
+            device_env["CLIENT_UUID"] = uuid
+        self.env = localtree.supervisor_env(
+            state_dir=self.state, runtime_dir=self.runtime / "run",
+            helper_socket=self.helper.socket if self.helper else self.dir / "no-helper.sock",
+            device_env=device_env, NOTIFY_SOCKET=self.notify.path, WATCHDOG_USEC=str(watchdog_usec))
         if env:
             self.env.update(env)
 

@@ -22,6 +22,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from ...wire.schema import ErrorCode
+
 MAX_AHEAD_S = 7 * 86400.0  # an expires_at further ahead than this is not a real command
 DEFAULT_BUDGET_S = 600.0  # unsynchronised clock and no issued_at: ten minutes from receipt
 REJECTION_TTL_S = 600.0  # how long a `failed` ack of a rejected payload is retried
@@ -225,14 +227,14 @@ def judge(expires_at: float, issued_at: float | None, clock: Clock, boot_id: str
     """
     now_w, now_m = clock.wall(), clock.mono()
     if not clock.synchronized() and wall_floor is not None and expires_at <= wall_floor:
-        return ("expired", f"expires_at is {wall_floor - expires_at:.0f} s before a time this device has already "
+        return (ErrorCode.EXPIRED.value, f"expires_at is {wall_floor - expires_at:.0f} s before a time this device has already "
                 "seen (clock not synchronised yet)", None)
     if clock.synchronized():
         left = expires_at - now_w
         if left <= 0:
-            return "expired", f"expires_at is {-left:.0f} s in the past (clock synchronised)", None
+            return ErrorCode.EXPIRED.value, f"expires_at is {-left:.0f} s in the past (clock synchronised)", None
         if left > MAX_AHEAD_S:
-            return ("invalid_payload",
+            return (ErrorCode.INVALID_PAYLOAD.value,
                     f"expires_at is {left / 86400:.1f} days ahead; more than {MAX_AHEAD_S / 86400:.0f} days is refused", None)
         return None, None, Deadline(expires_at, now_m + left, boot_id, now_m)
     if issued_at is None:
@@ -240,9 +242,9 @@ def judge(expires_at: float, issued_at: float | None, clock: Clock, boot_id: str
     else:
         budget = expires_at - issued_at
         if budget <= 0:
-            return "expired", "expires_at is not after issued_at (clock not synchronised: judged by the budget)", None
+            return ErrorCode.EXPIRED.value, "expires_at is not after issued_at (clock not synchronised: judged by the budget)", None
         if budget > MAX_AHEAD_S:
-            return ("invalid_payload",
+            return (ErrorCode.INVALID_PAYLOAD.value,
                     f"expires_at - issued_at is {budget / 86400:.1f} days; more than {MAX_AHEAD_S / 86400:.0f} days is refused", None)
     return None, None, Deadline(expires_at, now_m + budget, boot_id, now_m)
 
