@@ -60,6 +60,13 @@ def floor(broker, echo_uuid: str, n: int) -> list[float]:
 
 
 def through_tree(broker, uuid: str, n: int) -> tuple[list[float], list[float], list[float]]:
+    """Signed commands, as a provisioned fleet sends them: the helper holds the device's key."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from infoscreen.wire import signing
+
+    key = broker.device_key(uuid)
     srv = client(broker, broker.server_user, broker.server_password)
     lock = threading.Condition()
     seen: dict[str, dict[str, float]] = {}
@@ -78,8 +85,10 @@ def through_tree(broker, uuid: str, n: int) -> tuple[list[float], list[float], l
         cid = str(uuidlib.uuid4())
         payload = json.dumps({"schema_version": "1.0", "command_id": cid, "client_uuid": uuid,
                               "action": "reboot_host", "issued_at": now_iso(), "expires_at": now_iso(120)}).encode()
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [(signing.SIGNATURE_PROPERTY, signing.sign(key, payload))]
         t0 = time.perf_counter()
-        srv.publish(f"infoscreen/{uuid}/commands", payload, qos=1)
+        srv.publish(f"infoscreen/{uuid}/commands", payload, qos=1, properties=props)
         with lock:
             ok = lock.wait_for(lambda: "completed" in seen.get(cid, {}) or "failed" in seen.get(cid, {}), 10)
         if not ok:
@@ -103,7 +112,10 @@ def main() -> int:
     args = ap.parse_args()
     dev, echo_dev = str(uuidlib.uuid4()), str(uuidlib.uuid4())
     broker = MosquittoBroker([dev, echo_dev], workdir("bench-broker-")).start()
-    tree = Tree(workdir("bench-tree-"), broker, dev, env={"HEALTH_INTERVAL_S": "30", "HEARTBEAT_INTERVAL_S": "30"})
+    key_file = str(broker.device_key_path(dev))
+    tree = Tree(workdir("bench-tree-"), broker, dev, env={"HEALTH_INTERVAL_S": "30", "HEARTBEAT_INTERVAL_S": "30",
+                                                            "HELPER_COMMAND_KEY_FILE": key_file})
+    tree.helper.env["HELPER_COMMAND_KEY_FILE"] = key_file
     try:
         tree.start()
         # Interleave to share conditions: floor, tree, floor.
@@ -123,7 +135,8 @@ def main() -> int:
         machine(),
         f"- command: `.venv/bin/python bench/bench_commands.py --n {args.n}`",
         "- broker: mosquitto " + "2.0.11, provisioned like production (ACLs, set_tcp_nodelay true), loopback",
-        "- tree: supervisor + MQTT worker + health worker + real helper (mock mode, breaker raised)",
+        "- tree: supervisor + MQTT worker + health worker + real helper (mock mode, breaker raised),"
+        " holding the device's command key: every command signed (HMAC-SHA256) and verified by it",
         "",
         "| path | latency |",
         "|---|---|",
