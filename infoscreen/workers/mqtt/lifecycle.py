@@ -272,7 +272,10 @@ class Lifecycle:
         rec.status = STATUS[new]
         rec.error_code = eff.code if new is State.FAILED else None
         rec.error_message = eff.message if new is State.FAILED else None
-        acks = [a for status in eff.acks for a in self._acks(rec, status)]
+        # Topic by topic (the canonical one first): each topic keeps the statuses' order, and the
+        # server's canonical topic gets `execution_started` without waiting for the alias's copies.
+        per_status = [self._acks(rec, status) for status in eff.acks]
+        acks = [rows[i] for i in range(len(self.ack_topics)) for rows in per_status]
         kv = self.evidence.on_transition(rec, live.kind, new)
         if live.state is State.NEW:
             rows = self.store.insert(rec, acks, kv=kv or None)
