@@ -118,6 +118,7 @@ class Connection:
         self._warned_login = warned_login
         self._stopping = False
         self._reading = False  # inside loop_read: paho callbacks run, nothing is written
+        self._after_read: list[Callable[[], object]] = []
         self.subscriptions: set[str] = set()
         self._pub_topics: dict[int, str] = {}
         self.connect_timeout = max(0.5, min(3.0, cfg.worker_hang_timeout_s / 4))
@@ -273,6 +274,9 @@ class Connection:
         finally:
             self._reading = False
         self._flush()
+        later, self._after_read = self._after_read, []
+        for fn in later:
+            fn()
 
     def _read_all(self, c: mqtt.Client) -> None:
         c.loop_read()
@@ -318,7 +322,10 @@ class Connection:
             self._failures = 0
             for topic in sorted(self.subscriptions):
                 self._subscribe(topic)
-            self.h.connected(bool(getattr(flags, "session_present", False)))
+            # Announced once the subscriptions are written (after loop_read): whoever hears
+            # "connected" may rely on them being on their way to the broker.
+            present = bool(getattr(flags, "session_present", False))
+            self._after_read.append(lambda: self.client is client and self.h.connected(present))
         except Exception:  # noqa: BLE001
             log.exception("error in on_connect")
 
