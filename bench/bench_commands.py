@@ -109,9 +109,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "commands.md"))
+    ap.add_argument("--plaintext", action="store_true",
+                    help="a plaintext listener (the first round's conditions) instead of provision's TLS default")
     args = ap.parse_args()
     dev, echo_dev = str(uuidlib.uuid4()), str(uuidlib.uuid4())
-    broker = MosquittoBroker([dev, echo_dev], workdir("bench-broker-")).start()
+    broker = MosquittoBroker([dev, echo_dev], workdir("bench-broker-"), tls=not args.plaintext).start()
     key_file = str(broker.device_key_path(dev))
     tree = Tree(workdir("bench-tree-"), broker, dev, env={"HEALTH_INTERVAL_S": "30", "HEARTBEAT_INTERVAL_S": "30",
                                                             "HELPER_COMMAND_KEY_FILE": key_file})
@@ -133,8 +135,9 @@ def main() -> int:
         "# Command latency (bench/bench_commands.py)",
         "",
         machine(),
-        f"- command: `.venv/bin/python bench/bench_commands.py --n {args.n}`",
-        "- broker: mosquitto " + "2.0.11, provisioned like production (ACLs, set_tcp_nodelay true), loopback",
+        f"- command: `.venv/bin/python bench/bench_commands.py --n {args.n}{' --plaintext' if args.plaintext else ''}`",
+        "- broker: mosquitto 2.0.11, provisioned like production (accounts bound to client ids, ACLs, "
+        f"set_tcp_nodelay true), loopback, {'plaintext' if args.plaintext else 'TLS (the fleet CA)'}",
         "- tree: supervisor + MQTT worker + health worker + real helper (mock mode, breaker raised),"
         " holding the device's command key: every command signed (HMAC-SHA256) and verified by it",
         "",
