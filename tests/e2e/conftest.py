@@ -182,7 +182,8 @@ def _build_wheels(dest: Path, log_dir: Path) -> None:
 def _stage(root: Path, wheels: Path, env_text: str, key: bytes, ca_file: str | None) -> None:
     src = root / "root/infoscreen-src"
     (src / "scripts").mkdir(parents=True)
-    shutil.copy2(ROOT / "scripts/install-device", src / "scripts/install-device")
+    for script in ("install-device", "broker-allow"):
+        shutil.copy2(ROOT / "scripts" / script, src / "scripts" / script)
     shutil.copytree(ROOT / "systemd", src / "systemd")
     if (ROOT / "docs").is_dir():
         shutil.copytree(ROOT / "docs", src / "docs")
