@@ -40,7 +40,6 @@ from infoscreen.ctl.session import (
     Received,
     Session,
     SessionError,
-    Unreadable,
     add_connection_args,
     check_device_uuid,
     device_of,
@@ -48,7 +47,7 @@ from infoscreen.ctl.session import (
     format_age,
     printable,
     rc_text,
-    read_json,
+    read_object,
     settings_from_args,
 )
 from infoscreen.wire import topics
@@ -88,12 +87,9 @@ class AlertView(msgspec.Struct, frozen=True):
 def read_alert(device: str, payload: bytes) -> tuple[AlertView, Any]:
     """(the alert of `device` (from the topic) in `payload`, the payload's JSON value or None),
     whatever the payload is: never raises."""
-    try:
-        obj = read_json(payload, MAX_ALERT_BYTES)
-    except Unreadable as exc:
-        return AlertView(problem=f"unreadable alert: {exc}"), None
-    if not isinstance(obj, dict):
-        return AlertView(problem="unreadable alert: not a JSON object"), obj
+    obj, problem = read_object(payload, MAX_ALERT_BYTES, "alert")
+    if problem is not None:
+        return AlertView(problem=problem), obj
     problems = []
     fields = fields_of(obj, ServiceFailed)
     unit = fields["unit"]

@@ -227,6 +227,18 @@ def _depth_within(obj: Any, limit: int) -> bool:
     return True
 
 
+def read_object(payload: bytes, max_bytes: int, what: str) -> tuple[Any, str | None]:
+    """(the JSON object of a device's `payload`, None), or (its JSON value or None, the problem):
+    never raises. `what` names the payload in the problem ("heartbeat", "alert", ...)."""
+    try:
+        obj = read_json(payload, max_bytes)
+    except Unreadable as exc:
+        return None, f"unreadable {what}: {exc}"
+    if not isinstance(obj, dict):
+        return obj, f"unreadable {what}: not a JSON object"
+    return obj, None
+
+
 def read_json(payload: bytes, max_bytes: int) -> Any:
     """The JSON value of a device's `payload`, or `Unreadable`.
 

@@ -49,14 +49,13 @@ from infoscreen.ctl.session import (
     Received,
     SessionError,
     Session,
-    Unreadable,
     add_connection_args,
     check_device_uuid,
     device_of,
     fields_of,
     format_age,
     printable,
-    read_json,
+    read_object,
     settings_from_args,
 )
 from infoscreen.wire import topics
@@ -104,12 +103,9 @@ def _text(value: str | None) -> str | None:
 def parse_heartbeat(payload: bytes) -> tuple[HeartbeatView, Any]:
     """(the view, the payload's JSON value or None): never raises, whatever the payload. The
     fields and their bounds are those of wire.schema.Heartbeat."""
-    try:
-        obj = read_json(payload, MAX_HEARTBEAT_BYTES)
-    except Unreadable as exc:
-        return HeartbeatView(problem=f"unreadable heartbeat: {exc}"), None
-    if not isinstance(obj, dict):
-        return HeartbeatView(problem="unreadable heartbeat: not a JSON object"), obj
+    obj, problem = read_object(payload, MAX_HEARTBEAT_BYTES, "heartbeat")
+    if problem is not None:
+        return HeartbeatView(problem=problem), obj
     ts = _text(fields_of(obj, Heartbeat)["timestamp"])
     return HeartbeatView(timestamp=ts, problem=None if ts is not None else "no timestamp"), obj
 
@@ -117,12 +113,9 @@ def parse_heartbeat(payload: bytes) -> tuple[HeartbeatView, Any]:
 def parse_health(payload: bytes) -> tuple[HealthView, Any]:
     """(the view, the payload's JSON value or None): never raises, whatever the payload. Each
     field of wire.schema.Health is read on its own, so one wrong field loses only itself."""
-    try:
-        obj = read_json(payload, MAX_HEALTH_BYTES)
-    except Unreadable as exc:
-        return HealthView(problem=f"unreadable health: {exc}"), None
-    if not isinstance(obj, dict):
-        return HealthView(problem="unreadable health: not a JSON object"), obj
+    obj, problem = read_object(payload, MAX_HEALTH_BYTES, "health")
+    if problem is not None:
+        return HealthView(problem=problem), obj
     h = fields_of(obj, Health)
     actual, bc = h["actual_state"] or {}, h["broker_connection"] or {}
     view = HealthView(

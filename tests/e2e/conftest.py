@@ -22,6 +22,7 @@ import tempfile
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -304,6 +305,19 @@ def machine(device: Device) -> Device:
     """The session's device, booted (again, after a test that ended it)."""
     device.ensure_booted()
     return device
+
+
+def command_for(machine: Device, action: str, *, issued: datetime, expires: datetime, requested_by: str) -> dict[str, str]:
+    """A command for the device as the server publishes it (sign it with machine.publish_command)."""
+    return {
+        "schema_version": "1.0",
+        "command_id": str(uuidlib.uuid4()),
+        "client_uuid": machine.uuid,
+        "action": action,
+        "issued_at": issued.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "requested_by": requested_by,
+    }
 
 
 def wait_time(seconds: float) -> float:

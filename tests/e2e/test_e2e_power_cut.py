@@ -35,7 +35,7 @@ import pytest
 
 from infoscreen.wire import signing
 from tests.chaos.helper_audit import HelperAudit
-from tests.e2e.conftest import UNIT, Device
+from tests.e2e.conftest import UNIT, Device, command_for
 from tests.e2e.container import EXIT_REBOOT, wait_for
 from tests.support.mqtt import MqttProbe
 
@@ -66,15 +66,7 @@ def command(machine: Device, action: str, *, expired: bool = False) -> dict[str,
     now = datetime.now(timezone.utc)
     issued = now - timedelta(minutes=1) if expired else now
     expires = issued if expired else now + timedelta(minutes=10)  # expired: no budget either
-    return {
-        "schema_version": "1.0",
-        "command_id": str(uuidlib.uuid4()),
-        "client_uuid": machine.uuid,
-        "action": action,
-        "issued_at": issued.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "requested_by": "e2e power cut",
-    }
+    return command_for(machine, action, issued=issued, expires=expires, requested_by="e2e power cut")
 
 
 def helper_audit(machine: Device) -> HelperAudit:

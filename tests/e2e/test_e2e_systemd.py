@@ -13,12 +13,11 @@ import json
 import re
 import threading
 import time
-import uuid as uuidlib
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.e2e.conftest import BOOT_ID_COPY, ENV_FILE, NOTIFY_UNIT, UNIT, Device
+from tests.e2e.conftest import BOOT_ID_COPY, ENV_FILE, NOTIFY_UNIT, UNIT, Device, command_for
 from infoscreen.wire import signing
 from tests.e2e.container import EXIT_REBOOT
 from tests.support.mqtt import MqttProbe
@@ -178,15 +177,7 @@ def test_crash_loop_fails_the_unit_and_the_alert_is_retained_on_the_broker(machi
 # ------------------------------------------------------------------ power commands (5), (6)
 def command(machine: Device, action: str, minutes: int = 10) -> dict[str, str]:
     now = datetime.now(timezone.utc)
-    return {
-        "schema_version": "1.0",
-        "command_id": str(uuidlib.uuid4()),
-        "client_uuid": machine.uuid,
-        "action": action,
-        "issued_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "expires_at": (now + timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "requested_by": "e2e",
-    }
+    return command_for(machine, action, issued=now, expires=now + timedelta(minutes=minutes), requested_by="e2e")
 
 
 def ack_of(cid: str, status: str):
