@@ -150,8 +150,8 @@ def test_every_row_through_the_interpreter(tmp_path, combo):
                 assert a["error_code"] == rec.error_code
     if any(isinstance(e, RequestExecution) for e in effects):
         req = next(s for s in dev.sent if s.transition == i and isinstance(s.msg, messages.ExecRequest))
-        first_ack = min(p.seq for p in dev.published if p.transition == i)
-        assert req.seq < first_ack  # committed, then requested, then published
+        last_ack = max(p.seq for p in dev.published if p.transition == i)
+        assert last_ack < req.seq  # committed, then published, then requested
     # The timers.
     if t.new in TERMINAL:
         assert cid.lower() not in dev.lc.inflight

@@ -121,16 +121,18 @@ def test_every_row(key):
         if commits:
             (c,) = commits
             assert c.acks[-1] == STATUS[row.new]
-            assert isinstance(effects[effects.index(c) + 1], (Publish, RequestExecution))
+            assert isinstance(effects[effects.index(c) + 1], Publish)
             assert any(isinstance(e, Publish) for e in effects[effects.index(c):])
             if row.new is State.FAILED:
                 assert c.code and c.message
         else:
             assert row.new in (state, State.AWAITING_BOOT, State.QUERYING), "a status change without a commit"
             assert STATUS.get(row.new) == STATUS.get(state)
-        # Only admission requests execution, once, right after its commit.
+        # Only admission requests execution, once, right after its commit's acks are published.
         requests = [i for i, e in enumerate(effects) if isinstance(e, RequestExecution)]
-        assert (requests == [1]) == (event is Event.ADMITTED) and len(requests) <= 1
+        assert (requests == [2]) == (event is Event.ADMITTED) and len(requests) <= 1
+        if requests:
+            assert isinstance(effects[0], Commit) and isinstance(effects[1], Publish)
         if row.new in TERMINAL and state not in TERMINAL:
             assert not any(isinstance(e, (Arm, Query)) for e in effects)
             if state is not State.NEW and state is not State.STORED:  # those have no timers yet

@@ -148,7 +148,7 @@ def test_ack_of_command_expired_during_outage_never_arrives(mqtt_worker, mqtt_br
     wait_until(lambda: "the command expired" in w.log_text(), 5, what="drop logged")
 
 
-@pytest.mark.parametrize("point", ["after_commit", "after_exec_request", "before_puback"])
+@pytest.mark.parametrize("point", ["after_commit", "after_publish", "after_exec_request", "before_puback"])
 @pytest.mark.parametrize("action", ["reboot_host", "shutdown_host"])
 def test_sigkill_at_each_step_never_executes_twice(mqtt_worker, mqtt_broker, point, action):
     w = mqtt_worker(start=False, INFOSCREEN_TEST_CRASHPOINT=point, REBOOT_GRACE_S="2")
@@ -163,7 +163,7 @@ def test_sigkill_at_each_step_never_executes_twice(mqtt_worker, mqtt_broker, poi
                                        None), 15, what="terminal ack")
     assert len(w.sup.exec_requests(cid)) <= 1
     assert w.sup.exec_requests(cid) or terminal["status"] == "failed"
-    if point == "after_commit":  # never requested: it must not be reported as done
+    if point in ("after_commit", "after_publish"):  # never requested: it must not be reported as done
         assert w.sup.exec_requests(cid) == []
         assert terminal["error_code"] == ("reboot_not_observed" if action == "reboot_host" else "execution_failed")
     # Order per topic: accepted and execution_started precede the terminal ack.

@@ -101,13 +101,16 @@ LOST_MESSAGE = "the execution request was lost (the worker restarted before the 
 NO_ANSWER_MESSAGE = "no answer from the supervisor about the execution request"
 MOCK_HELPER_MESSAGE = "the helper is in mock mode and executed nothing, but this client runs in production"
 
-_START = (Commit((ACCEPTED, STARTED)), RequestExecution(), Publish(), Arm(Timer.RESULT_WAIT))
+# The acks go out before the request: the server hears `accepted` one IPC send sooner, and a
+# crash between the two is the same case as a crash right after the commit (a record in
+# execution_started whose request the supervisor never got: ExecQuery says so).
+_START = (Commit((ACCEPTED, STARTED)), Publish(), RequestExecution(), Arm(Timer.RESULT_WAIT))
 _ASK = (Query(), Arm(Timer.QUERY_RETRY))
 _REAL = (Kind.SHUTDOWN, Kind.MOCK)  # done on the helper's ok; a reboot needs a new boot
 
 TABLE: dict[tuple[State, Kind | None, Event], Row] = {
-    # Received: accepted and execution_started in one transaction, then the one ExecRequest,
-    # then both acks; a refusal is answered and never executed.
+    # Received: accepted and execution_started in one transaction, then both acks, then the one
+    # ExecRequest; a refusal is answered and never executed.
     (State.NEW, ANY, Event.ADMITTED): Row(State.REQUESTED, _START),
     (State.NEW, Kind.REBOOT, Event.ADMITTED): Row(State.REQUESTED, (*_START, Arm(Timer.REBOOT_GRACE))),
     (State.NEW, ANY, Event.REFUSED): Row(State.FAILED, (Commit((FAILED,)), Publish())),

@@ -118,6 +118,7 @@ class Connection:
         self._warned_login = warned_login
         self._stopping = False
         self._reading = False  # inside loop_read: paho callbacks run, nothing is written
+        # Run once loop_read has returned, in order: "connected", then the messages it read.
         self._after_read: list[Callable[[], object]] = []
         self.subscriptions: set[str] = set()
         self._pub_topics: dict[int, str] = {}
@@ -352,22 +353,36 @@ class Connection:
         self._schedule_attempt(BACKOFF_MIN_S * random.uniform(0.5, 1.0) if was_connected else self._backoff())
 
     def _on_message(self, client, userdata, msg) -> None:
-        # The PUBACK goes out only once the handler is done with the message (a command's
-        # record is committed by then); the handler decides when (intake.py).
-        now = True
+        # Handled once loop_read has returned, outside paho's callback lock: what the handler
+        # publishes (a command's `accepted`) is then written to the socket at once, not after
+        # the whole read pass. The PUBACK goes out only once the handler is done with the
+        # message (a command's record is committed by then); the handler decides when
+        # (intake.py).
         try:
             try:
                 topic = msg.topic
             except UnicodeDecodeError:
                 topic = None  # not a topic we subscribed to: nothing to keep it for
-            if topic is not None:
-                now = self.h.message(Incoming(topic, bytes(msg.payload), bool(msg.retain), bool(msg.dup),
-                                              _signature(getattr(msg, "properties", None)),
-                                              msg.mid, msg.qos, client))
+            if topic is None:
+                self._ack(client, msg.mid, msg.qos)
+                return
+            m = Incoming(topic, bytes(msg.payload), bool(msg.retain), bool(msg.dup),
+                         _signature(getattr(msg, "properties", None)), msg.mid, msg.qos, client)
         except Exception:  # noqa: BLE001 - never raise into paho / the loop; never jam the session
+            log.exception("error reading a message; acknowledged to the broker all the same")
+            self._ack(client, msg.mid, msg.qos)
+            return
+        self._after_read.append(lambda: self._deliver(m))
+
+    def _deliver(self, m: Incoming) -> None:
+        now = True
+        try:
+            now = self.h.message(m)
+        except Exception:  # noqa: BLE001 - never raise into the loop; never jam the session
             log.exception("error handling a message; acknowledged to the broker all the same")
         if now:
-            self._ack(client, msg.mid, msg.qos)
+            self._ack(m.client, m.mid, m.qos)
+            self._flush()
 
     def _ack(self, client, mid: int, qos: int) -> None:
         if qos > 0 and client is self.client:  # a mid means nothing on another connection

@@ -1,8 +1,9 @@
 """Test hook: die by SIGKILL at a named step of the lifecycle, to prove what survives it.
 
 Active only when ``INFOSCREEN_TEST_CRASHPOINT`` names the step and the environment is not
-production (read once at import). Steps: ``after_commit`` (record committed, ExecRequest
-not yet sent), ``after_exec_request`` (sent, acks not yet published), ``before_puback``
+production (read once at import). Steps: ``after_commit`` (record committed, nothing published
+or requested), ``after_publish`` (acks published, ExecRequest not yet sent),
+``after_exec_request`` (sent), ``before_puback``
 (an ack was published, its PUBACK arrives and the process dies before handling it);
 ``handle_kill`` and ``handle_raise`` (die, or raise, while handling any MQTT message whose payload
 contains POISON_MARK: a poison message for the intake's tests).

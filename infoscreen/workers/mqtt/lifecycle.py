@@ -5,9 +5,9 @@ The decisions are elsewhere and pure: :mod:`.admission` (what to do with a recei
 :mod:`.command_states`. This module turns what happens into events (a command, a repeat, an
 ``ExecResult``, a timer, a start after a crash) and applies the effects of the matching row in
 one place, :meth:`Lifecycle._apply`, in the row's order: for a new command, the record with the
-``accepted`` and ``execution_started`` rows in one transaction (one fsync), then the one
-``ExecRequest``, then the acks handed to the outbox. A restarted worker never sends
-``ExecRequest`` again: a record left in ``execution_started`` asks ``ExecQuery``.
+``accepted`` and ``execution_started`` rows in one transaction (one fsync), then the acks handed
+to the outbox (on the wire at once), then the one ``ExecRequest``. A restarted worker never
+sends ``ExecRequest`` again: a record left in ``execution_started`` asks ``ExecQuery``.
 Boot and downtime evidence listens to the transitions (:mod:`.evidence`).
 """
 
@@ -235,9 +235,11 @@ class Lifecycle:
         for eff in s.effects:
             if isinstance(eff, Commit):
                 rows = self._commit(live, s.new, eff)
+                if live.request is not None:
+                    crash("after_commit")
             elif isinstance(eff, RequestExecution):
                 assert live.request is not None
-                crash("after_commit")
+                crash("after_publish")
                 self.counts["exec_requests"] += 1
                 self.send(live.request)
                 live.request = None  # once, ever
