@@ -18,6 +18,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from infoscreen import __version__
 from infoscreen.ctl import alerts, send, watch
 
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n", 1)[0],
         epilog="Run `infoscreenctl COMMAND --help` for a command's options.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     send.register(sub)

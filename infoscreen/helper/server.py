@@ -5,6 +5,7 @@ with it acts, once. Standard library only. docs/security.md."""
 import contextlib, datetime, errno, fcntl, grp, hashlib, hmac, json, os, pwd, re, signal, socket
 import stat, struct, subprocess, sys, threading, time, types
 
+from infoscreen import __version__
 from infoscreen.helper import protocol as P
 
 # Debian bookworm is merged-/usr (/bin -> usr/bin). A fixed absolute path: no PATH lookup.
@@ -361,6 +362,7 @@ def _on_signal(signum, _frame):
     raise exc
 
 def main():
+    if sys.argv[1:] == ["--version"]: return print("infoscreen-helper", __version__)  # settings: env only
     try:
         cfg = load_config(os.environ)
         os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from infoscreen import __version__
 from infoscreen.config import ClientConfig, ConfigError, load_config, read_env_file, validate_client_uuid
 from infoscreen.mqttclient import Session, SessionError, Settings, rc_text
 from infoscreen.wire import topics
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deliver-timeout", type=float, default=90.0,
                    help="how long to retry while the broker is unreachable (default 90)")
     p.add_argument("--no-state-check", action="store_true", help="alert without asking systemd (manual use, tests)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 

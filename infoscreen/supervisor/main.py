@@ -10,7 +10,7 @@ import sys
 
 import zmq
 
-from .. import logsetup
+from .. import __version__, logsetup
 from ..config import ConfigError, ensure_client_uuid, load_config
 from ..ipc.channel import SupervisorChannel, prepare_runtime_dir
 from ..loop import Loop
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     make_non_dumpable()
     parser = argparse.ArgumentParser(prog="infoscreen-simclient", description=__doc__)
     parser.add_argument("--env-file", help="KEY=VALUE file read for variables the environment does not set")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
     log = logsetup.setup("infoscreen-simclient")
 

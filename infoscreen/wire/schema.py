@@ -134,6 +134,14 @@ class HostFacts(msgspec.Struct):
     load_1m: float | None = None
 
 
+class Agent(msgspec.Struct):
+    """What runs on the screen: this program's version, the host name, the OS (os-release)."""
+
+    version: Short
+    hostname: Short
+    os: Short | None
+
+
 class SupervisorState(msgspec.Struct):
     workers: dict[str, str]
     restarts: dict[str, int]
@@ -157,6 +165,7 @@ class Health(msgspec.Struct, kw_only=True):
     command_auth: Short
     probe_errors: list[str]
     supervisor: SupervisorState | None
+    agent: Agent
 
 
 class LogRecord(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -98,3 +98,15 @@ def test_the_operator_reads_a_payload_field_by_field_with_the_structs_bounds() -
     assert got["broker_connection"] is None and got["client_uuid"] == doc["client_uuid"]
     assert session.fields_of(["not", "an", "object"], schema.Heartbeat) == {
         "timestamp": None, "client_uuid": None, "uptime_s": None}
+
+
+def test_health_names_the_agent_version_host_and_os(tmp_path) -> None:
+    from infoscreen import __version__, agentinfo
+    rel = tmp_path / "os-release"
+    rel.write_text('NAME="Debian GNU/Linux"\nPRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n')
+    assert agentinfo.os_name((str(tmp_path / "missing"), str(rel))) == "Debian GNU/Linux 12 (bookworm)"
+    assert agentinfo.os_name((str(tmp_path / "missing"),)) is None
+    rel.write_text("PRETTY_NAME=\n")
+    assert agentinfo.os_name((str(rel),)) is None
+    a = agentinfo.describe()
+    assert a.version == __version__ and a.hostname

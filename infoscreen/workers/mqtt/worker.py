@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from ... import agentinfo
 from ...config import ConfigError, ensure_client_uuid
 from ...ipc import messages
 from ...wire import topics
@@ -52,6 +53,7 @@ class MqttWorker(Worker):
         self.last_health: bytes | None = None
         self.health_published = 0
         self.heartbeats = 0
+        self.agent = agentinfo.describe()  # version, host name, OS: fixed for the process's life
 
     # -- setup -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -210,6 +212,7 @@ class MqttWorker(Worker):
             command_auth="signed" if os.path.exists(self.cfg.command_key_file) else "unsigned",
             probe_errors=list(report.probe_errors),
             supervisor=None if tree is None else SupervisorState(**tree),
+            agent=self.agent,
         )
 
     # -- IPC --------------------------------------------------------------------------------------
