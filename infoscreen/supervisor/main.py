@@ -22,6 +22,21 @@ from .tree import WORKERS, Supervisor
 EXIT_CONFIG = 2
 
 
+def check_config(env_file: str | None) -> int:
+    """Validate without side effects: no identity generated, no directory made, nothing started."""
+    try:
+        cfg = load_config(env_file=env_file)
+    except ConfigError as exc:
+        print(f"infoscreen-simclient: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    device = cfg.client_uuid or "(none: generated at the first start)"
+    tls = "TLS" if cfg.mqtt_tls else "plaintext"
+    login = f"as {cfg.mqtt_user}" if cfg.mqtt_user else "without a login (warned at start)"
+    print(f"infoscreen-simclient: configuration ok: device {device}, broker {cfg.mqtt_broker}:{cfg.mqtt_port} "
+          f"({tls}) {login}, environment {cfg.environment}, display process {cfg.display_process_name}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # First thing: the environment systemd handed us holds the broker password, and a dumpable
     # process's /proc/<pid>/environ, memory and ptrace are open to every process of our uid.
@@ -29,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="infoscreen-simclient", description=__doc__)
     parser.add_argument("--env-file", help="KEY=VALUE file read for variables the environment does not set")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration, print what it says, start nothing (exit 0 or 2)")
     args = parser.parse_args(argv)
+    if args.check_config:
+        return check_config(args.env_file)
     log = logsetup.setup("infoscreen-simclient")
 
     try:

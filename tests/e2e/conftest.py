@@ -183,9 +183,10 @@ def _build_wheels(dest: Path, log_dir: Path) -> None:
 def _stage(root: Path, wheels: Path, env_text: str, key: bytes, ca_file: str | None) -> None:
     src = root / "root/infoscreen-src"
     (src / "scripts").mkdir(parents=True)
-    for script in ("install-device", "broker-allow"):
+    for script in ("install-device", "configure-device", "broker-allow"):
         shutil.copy2(ROOT / "scripts" / script, src / "scripts" / script)
     shutil.copytree(ROOT / "systemd", src / "systemd")
+    shutil.copytree(ROOT / "packaging" / "etc", src / "packaging" / "etc")
     if (ROOT / "docs").is_dir():
         shutil.copytree(ROOT / "docs", src / "docs")
     shutil.copytree(wheels, root / "root/wheels")
