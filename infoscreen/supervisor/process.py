@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 PROCESS_VARS = frozenset({
     "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ",
     "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONPATH",
+    # stderr's identity when it is the journal (logsetup.py: each line then carries its priority).
+    "JOURNAL_STREAM",
 })
 
 _BOTH = frozenset({
