@@ -204,7 +204,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "alerts",
         help="list retained service_failed alerts, or clear them (alerts clear UUID...)",
-        description=__doc__.split("\n\n", 1)[0],
+        description="List the retained service_failed alerts; 'alerts clear UUID' clears one.",
         epilog="Listing waits --settle seconds after the last message: MQTT has no end-of-retained marker.",
     )
     p.add_argument("op", nargs="?", choices=("list", "clear"), default="list", help="list (default) or clear")

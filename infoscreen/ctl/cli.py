@@ -47,8 +47,9 @@ def _register_broker(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infoscreenctl",
-        description=__doc__.split("\n\n", 1)[0],
-        epilog="Run `infoscreenctl COMMAND --help` for a command's options.",
+        description="The operator's and the server side's tool for the infoscreen fleet: send power "
+                    "commands and follow their acks, watch the screens, clear alerts, provision the broker.",
+        epilog="Run 'infoscreenctl COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -1075,7 +1075,7 @@ def register(broker_subparsers) -> argparse.ArgumentParser:
     parser = broker_subparsers.add_parser(
         "provision",
         help="write a hardened Mosquitto configuration, accounts, ACL, TLS and command keys for a list of devices",
-        description=__doc__.split("\n\n", 1)[0],
+        description="A hardened Mosquitto 2 configuration for the whole fleet, in one command.",
     )
     build_parser_args(parser)
     parser.set_defaults(func=run)

@@ -470,7 +470,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "send",
         help="send a reboot or shutdown command to a device and follow its acks",
-        description=__doc__.split("\n\n", 1)[0],
+        description="Publish a power command (reboot or shutdown) to one screen, signed with its key, "
+                    "and follow its acks.",
         epilog="exit status with --wait: 0 completed, 1 failed, 2 not sent, 3 expired, 4 --timeout reached",
     )
     p.add_argument("action", choices=sorted(ACTIONS), help=", ".join(f"{k} ({v})" for k, v in sorted(ACTIONS.items())))
@@ -482,9 +483,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=parse_duration, metavar="DURATION",
                    help="stop following after this long (with --wait: exit 4 if no terminal status by then; "
                         f"without: default {DEFAULT_FOLLOW_S:g}s)")
-    p.add_argument("--reason", metavar="TEXT", help="free text carried in the command's `reason`")
+    p.add_argument("--reason", metavar="TEXT", help="free text carried in the command's reason field")
     p.add_argument("--requested-by", metavar="WHO", default=None,
-                   help="carried in `requested_by` (default: user@host (infoscreenctl))")
+                   help="carried in the command's requested_by field (default: user@host (infoscreenctl))")
     p.add_argument("--keys", metavar="DIR", default=None,
                    help=f"directory of the server's command keys, DIR/<uuid>.key (default: ${KEYS_VAR}, "
                         f"else {KEYS_VAR} of the env file)")

@@ -70,11 +70,11 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("broker connection (the server account)")
     g.add_argument("--env", metavar="FILE", default=os.environ.get(ENV_VAR_DEFAULT),
                    help="env file with MQTT_BROKER, MQTT_PORT, MQTT_USER, MQTT_PASSWORD_BROKER (and "
-                        "MQTT_TLS, MQTT_CA_FILE, ...): the server.env written by `broker provision` "
+                        "MQTT_TLS, MQTT_CA_FILE, ...): the server.env written by broker provision "
                         f"(default: ${ENV_VAR_DEFAULT})")
     g.add_argument("--broker", metavar="HOST", help="broker host (overrides the env file)")
-    g.add_argument("--port", type=int, metavar="N", help="broker port (overrides the env file)")
-    g.add_argument("--user", metavar="NAME", help="broker account (overrides the env file)")
+    g.add_argument("-p", "--port", type=int, metavar="N", help="broker port (overrides the env file)")
+    g.add_argument("-u", "--user", metavar="NAME", help="broker account (overrides the env file)")
     g.add_argument("--password-file", metavar="FILE",
                    help="file whose first line is the password (there is no --password: a password "
                         "on the command line is visible to every user of the machine)")
@@ -82,7 +82,7 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ca-file", metavar="FILE", help="CA certificate(s) to verify the broker with")
     g.add_argument("--cert-file", metavar="FILE", help="client certificate (TLS)")
     g.add_argument("--key-file", metavar="FILE", help="client key (TLS)")
-    g.add_argument("--client-id", metavar="ID", help="MQTT client id (default: infoscreenctl-<random>)")
+    g.add_argument("-i", "--client-id", metavar="ID", help="MQTT client id (default: infoscreenctl-<random>)")
     g.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
                    help="seconds to wait for the broker to accept the connection (default: 10)")
 

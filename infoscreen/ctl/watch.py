@@ -457,7 +457,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "watch",
         help="live table of devices: heartbeat age, display state, reconnects, alerts",
-        description=__doc__.split("\n\n", 1)[0],
+        description="A live view of the fleet from what the screens publish.",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per update (for scripts)")
     p.add_argument("--plain", action="store_true", help="one line per update even on a terminal")
