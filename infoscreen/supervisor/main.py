@@ -22,6 +22,18 @@ from .tree import WORKERS, Supervisor
 EXIT_CONFIG = 2
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infoscreen-simclient",
+        description="The infoscreen client: the supervisor of the MQTT and health workers, the main process of "
+                    "infoscreen-simclient.service. Its settings come from the environment (docs/configuration.md).")
+    parser.add_argument("--env-file", help="KEY=VALUE file read for variables the environment does not set")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration, print what it says, start nothing (exit 0 or 2)")
+    return parser
+
+
 def check_config(env_file: str | None) -> int:
     """Validate without side effects: no identity generated, no directory made, nothing started."""
     try:
@@ -41,12 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     # First thing: the environment systemd handed us holds the broker password, and a dumpable
     # process's /proc/<pid>/environ, memory and ptrace are open to every process of our uid.
     make_non_dumpable()
-    parser = argparse.ArgumentParser(prog="infoscreen-simclient", description=__doc__)
-    parser.add_argument("--env-file", help="KEY=VALUE file read for variables the environment does not set")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--check-config", action="store_true",
-                        help="validate the configuration, print what it says, start nothing (exit 0 or 2)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.check_config:
         return check_config(args.env_file)
     log = logsetup.setup("infoscreen-simclient")

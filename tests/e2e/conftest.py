@@ -1,4 +1,5 @@
-"""End-to-end fixtures: the product installed by scripts/install-device in a container booted
+"""End-to-end fixtures: the product installed from its Debian package (scripts/build-deb) and
+configured by infoscreen-configure, in a container booted
 with a real systemd (tests/e2e/container.py), talking to a real Mosquitto with the production ACL
 on host loopback (tests/support/broker.py; the container shares the host's network).
 
@@ -98,6 +99,9 @@ class Device:
         self.log_dir = log_dir
         self.base_env = ""
         self.install_output = ""
+        self.debs: dict[str, str] = {}  # revision -> the package file in the container
+        self.deb_files: dict[str, Path] = {}  # revision -> the package file on the host
+        self.before_configure: dict[str, str] = {}
         self.verify_output: dict[str, subprocess.CompletedProcess[str]] = {}
 
     # ---- systemd
@@ -168,37 +172,36 @@ class Device:
         return f"infoscreen/{self.uuid}/{leaf}"
 
 
-def _build_wheels(dest: Path, log_dir: Path) -> None:
-    """The package and every dependency as wheels, built with the host's venv python (3.11, like
-    the container's Debian python3); the container installs them with --no-index."""
-    with open(log_dir / "wheels.log", "w") as out:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "-w", str(dest), str(ROOT)],
-            check=True,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+def build_debs(dest: Path, log_dir: Path, revisions: tuple[str, ...] = ("1", "2")) -> dict[str, Path]:
+    """The package for this machine's architecture (amd64), built by scripts/build-deb: revision
+    1 is installed, revision 2 is the upgrade."""
+    out = {}
+    with open(log_dir / "build-deb.log", "w") as log:
+        for rev in revisions:
+            r = subprocess.run([str(ROOT / "scripts/build-deb"), "--arch", "amd64", "--out", str(dest), "--revision", rev],
+                               stdout=subprocess.PIPE, stderr=log, text=True, check=True, timeout=600)
+            out[rev] = Path(r.stdout.strip().splitlines()[-1])
+    return out
 
 
-def _stage(root: Path, wheels: Path, env_text: str, key: bytes, ca_file: str | None) -> None:
-    src = root / "root/infoscreen-src"
-    (src / "scripts").mkdir(parents=True)
-    for script in ("install-device", "configure-device", "broker-allow"):
-        shutil.copy2(ROOT / "scripts" / script, src / "scripts" / script)
-    shutil.copytree(ROOT / "systemd", src / "systemd")
-    shutil.copytree(ROOT / "packaging" / "etc", src / "packaging" / "etc")
-    if (ROOT / "docs").is_dir():
-        shutil.copytree(ROOT / "docs", src / "docs")
-    shutil.copytree(wheels, root / "root/wheels")
-    if ca_file:  # the fleet CA the env file pins: install-device installs it as /etc/infoscreen/ca.crt
+def _stage(root: Path, debs: dict[str, Path], env_text: str, key: bytes, ca_file: str | None) -> None:
+    for deb in debs.values():
+        shutil.copy2(deb, root / "root" / deb.name)
+    if ca_file:  # the fleet CA the env file pins: infoscreen-configure installs it as /etc/infoscreen/ca.crt
         shutil.copy2(ca_file, root / "root/fleet-ca.crt")
     dev = root / "root/device.env"
     dev.write_text(env_text)
     dev.chmod(0o600)
-    # Beside the env file, as `broker provision` writes it: install-device takes it from there.
+    # Beside the env file, as `broker provision` writes it: infoscreen-configure takes it from there.
     key_file = root / "root/device.command.key"
     key_file.write_text(signing.key_text(key))
     key_file.chmod(0o600)
+
+
+def install_deb(container: Container, deb: str) -> subprocess.CompletedProcess[str]:
+    """apt installs a local package file (its dependencies are in the root already)."""
+    return container.exec(["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q",
+                           "--no-install-recommends", deb], check=False, timeout=300)
 
 
 @pytest.fixture(scope="session")
@@ -218,8 +221,7 @@ def device(e2e_log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         pristine = ensure_root()
     except ContainerUnavailable as e:
         pytest.fail(f"cannot build the container root: {e}")
-    wheels = tmp_path_factory.mktemp("wheels")
-    _build_wheels(wheels, e2e_log_dir)
+    debs = build_debs(tmp_path_factory.mktemp("debs"), e2e_log_dir)
 
     uuid = str(uuidlib.uuid4())
     broker = MosquittoBroker([uuid], tmp_path_factory.mktemp("broker"))
@@ -234,40 +236,38 @@ def device(e2e_log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     run_root = RunRoot(pristine)
     container = Container(run_root.path, "infoscreen-e2e", e2e_log_dir)
     dev = Device(container, broker, uuid, e2e_log_dir, key)
-    # What install-device leaves in the .env: the CA at its installed path (the unit cannot see /root).
-    dev.base_env = env_text.replace("MQTT_CA_FILE=/root/fleet-ca.crt", "MQTT_CA_FILE=/etc/infoscreen/ca.crt")
+    dev.debs = {rev: f"/root/{p.name}" for rev, p in debs.items()}
+    dev.deb_files = debs
     try:
-        _stage(run_root.path, wheels, env_text, key, broker.ca_file)
+        _stage(run_root.path, debs, env_text, key, broker.ca_file)
         container.boot()
-        r = container.exec(
-            [
-                "/root/infoscreen-src/scripts/install-device",
-                "--wheels",
-                "/root/wheels",
-                "--no-index",
-                "--env-from",
-                "/root/device.env",
-            ],
-            check=False,
-            timeout=300,
-        )
+        # The package installs, and starts nothing until the screen is configured.
+        r = install_deb(container, dev.debs["1"])
         dev.install_output = r.stdout + r.stderr
+        dev.before_configure = {
+            "enabled": container.exec(["systemctl", "is-enabled", UNIT], check=False).stdout.strip(),
+            "active": container.exec(["systemctl", "is-active", UNIT], check=False).stdout.strip(),
+        }
+        if r.returncode == 0:
+            r = container.exec(["infoscreen-configure", "--env-from", "/root/device.env"], check=False, timeout=120)
+            dev.install_output += r.stdout + r.stderr
+        dev.base_env = container.exec(["cat", ENV_FILE]).stdout if r.returncode == 0 else ""
         container.exec(["sh", "-c", f"cat > /etc/systemd/system/{BOOT_ID_UNIT}"], input=BOOT_ID_UNIT_TEXT)
         container.exec(["systemctl", "daemon-reload"])
         container.exec(["systemctl", "enable", "--now", BOOT_ID_UNIT])
         # The suite schedules a real reboot, a real power-off and a reboot cut off in its grace:
         # the breaker's default (3 an hour) would leave no margin for a run on the same boot.
         container.exec(["sh", "-c", "echo HELPER_MAX_ACTIONS_PER_HOUR=10 >> /etc/infoscreen/helper.env"])
-        (e2e_log_dir / "install-device.log").write_text(dev.install_output)
+        (e2e_log_dir / "install.log").write_text(dev.install_output)
         if r.returncode != 0:
-            pytest.fail(f"install-device failed ({r.returncode}):\n{dev.install_output[-3000:]}")
+            pytest.fail(f"installing the package failed ({r.returncode}):\n{dev.install_output[-3000:]}")
         units = [UNIT, "infoscreen-notify-failure@.service"]
         units += [p.name for p in sorted((ROOT / "systemd").glob("infoscreen-helper*"))]
         for unit in units:
-            target = f"/etc/systemd/system/{unit}"
+            target = f"/lib/systemd/system/{unit}"
             if unit.endswith("@.service"):  # a template verifies as an instance
                 target = f"/etc/systemd/system/{unit.replace('@.', '@e2e.')}"
-                container.exec(["ln", "-sf", unit, target])
+                container.exec(["ln", "-sf", f"/lib/systemd/system/{unit}", target])
             dev.verify_output[unit] = container.exec(["systemd-analyze", "verify", target], check=False)
             if unit.endswith("@.service"):
                 container.exec(["rm", "-f", target])

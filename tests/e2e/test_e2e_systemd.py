@@ -1,4 +1,4 @@
-"""The product under a real systemd: the units installed by scripts/install-device in a booted
+"""The product under a real systemd: installed from its Debian package and configured in a booted
 container, a real Mosquitto with the production ACL on the host, the real helper (no mock).
 
 Order matters only for the last two tests, which end the container (reboot, poweroff); every test
